@@ -1,0 +1,102 @@
+"""The small interface every backend offers, so scenarios never know which one runs.
+
+A backend boots a guest running one bank's payload (built by apx_tests.guests) and hands out a Session:
+    run_to(stage)     release the guest from where it waits and run to the next sync point
+    export()          the vCPU's extended state as an XsaveImage (the backend's main observer)
+    observers()       every way this backend can read the state: name -> callable -> registers
+    import_image(img) write extended state into the vCPU
+    snapshot()        a paused point that restore() can resume in a fresh VM
+    restore(snap)     a new Session (fresh VM / fresh process) continuing from the snapshot
+    write_area / read_area / mailbox()   the shared mailbox page
+    finish()          release the last stage; the guest's final status
+    close()
+Backend-specific extras (raw ioctls for the KVM ABI checks) are declared in `features`.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Callable
+
+from .guests import protocol
+from .xsave import Bank, Layout, XsaveImage
+
+
+class BackendError(RuntimeError):
+    """A backend could not do what was asked; str() is one line naming what and where."""
+
+
+class ImportRejected(BackendError):
+    """The VMM refused an import (e.g. KVM_SET_XSAVE returned EINVAL)."""
+
+    def __init__(self, message: str, errno: int | None = None):
+        super().__init__(message)
+        self.errno = errno
+
+
+class Session(abc.ABC):
+    backend: str  # e.g. "kvm", "qemu-tcg"
+    bank: Bank
+    layout: Layout
+    features: frozenset[str] = frozenset()
+
+    def __init__(self) -> None:
+        self.stage: int | None = None  # the sync point the guest waits at
+
+    # --- guest control -------------------------------------------------------------
+    @abc.abstractmethod
+    def run_to(self, stage: int) -> None: ...
+
+    @abc.abstractmethod
+    def finish(self) -> int: ...
+
+    # --- state ---------------------------------------------------------------------
+    @abc.abstractmethod
+    def export(self) -> XsaveImage: ...
+
+    def observers(self) -> dict[str, Callable[[], XsaveImage]]:
+        return {"export": self.export}
+
+    @abc.abstractmethod
+    def import_image(self, image: XsaveImage) -> None: ...
+
+    @abc.abstractmethod
+    def snapshot(self): ...
+
+    @abc.abstractmethod
+    def restore(self, snapshot) -> "Session": ...
+
+    # --- mailbox -------------------------------------------------------------------
+    @abc.abstractmethod
+    def write_area(self, offset: int, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    def read_area(self, offset: int, size: int) -> bytes: ...
+
+    def mailbox(self) -> protocol.Mailbox:
+        return protocol.read_mailbox(self.read_area(0, protocol.HEADER_SIZE))
+
+    # --- lifetime ------------------------------------------------------------------
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Backend(abc.ABC):
+    """Boots sessions for banks; knows which banks it can run and why not."""
+
+    name: str
+    layout: Layout
+
+    @abc.abstractmethod
+    def unavailable_reason(self, bank: Bank) -> str | None:
+        """None when `bank` can run here, else the precise missing piece."""
+
+    @abc.abstractmethod
+    def start(self, bank: Bank, payload: bytes) -> Session:
+        """Boot a guest running `payload` (the bank's flat CPL3 code) to just before stage 0."""

@@ -1,0 +1,196 @@
+"""The KVM backend: the embedded micro-VMM behind the backend-neutral Session interface."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+from ..backend import Backend, BackendError, ImportRejected, Session
+from ..guests import protocol
+from ..xsave import Bank, Layout, XsaveImage
+from .system import Kvm, KvmError
+from .vmm import MAILBOX, GuestCpu, GuestError, MicroVm, VcpuState, guest_cpuid
+
+AMX_MASK = (1 << 17) | (1 << 18)  # needs ARCH_REQ_XCOMP_GUEST_PERM first; never enabled here
+USER_XCR0_MASK = (1 << 32) - 1 & ~(1 << 8) & ~(1 << 10) & ~(0x3F << 11)  # no supervisor bits
+
+
+class KvmHost:
+    """What /dev/kvm offers, asked once per test session (KVM_GET_SUPPORTED_CPUID alone
+    costs ~0.65 ms here, more than half a scenario)."""
+
+    def __init__(self, path: str = "/dev/kvm"):
+        self.path = path
+        self.kvm = Kvm.open(path)
+
+    def close(self) -> None:
+        self.kvm.close()
+
+    @cached_property
+    def supported_cpuid(self):
+        return self.kvm.supported_cpuid()
+
+    @cached_property
+    def supported_xcr0(self) -> int:
+        return self.kvm.supported_xcr0()
+
+    @cached_property
+    def xsave2_size(self) -> int:
+        return self.kvm.xsave2_size()
+
+    @cached_property
+    def layout(self) -> Layout:
+        """The XSAVE layout KVM advertises to guests (its CPUID leaf 0xD)."""
+        table = {(e.function, e.index): e.regs for e in self.supported_cpuid if e.function == 0xD}
+        return Layout.from_cpuid(lambda leaf, sub: table.get((leaf, sub), (0, 0, 0, 0)),
+                                 source="KVM_GET_SUPPORTED_CPUID")
+
+    @cached_property
+    def apx_cpu(self) -> bool:
+        """CPUID.(7,1).EDX[21] as KVM reports it."""
+        return any(e.function == 7 and e.index == 1 and e.edx >> 21 & 1 for e in self.supported_cpuid)
+
+    @cached_property
+    def guest_cpu(self) -> GuestCpu:
+        """Every user component KVM supports except AMX: the guest runs with a realistic,
+        full XCR0 so a bank's load shows it leaves the other components alone."""
+        xcr0 = self.supported_xcr0 & USER_XCR0_MASK & ~AMX_MASK
+        return GuestCpu(xcr0, guest_cpuid(self.supported_cpuid, xcr0))
+
+
+@dataclass
+class KvmSnapshot:
+    state: VcpuState
+    stage: int
+
+
+class KvmBackend(Backend):
+    name = "kvm"
+
+    def __init__(self, host: KvmHost, *, timeout: float = 5.0):
+        self.host = host
+        self.timeout = timeout
+
+    @property
+    def layout(self) -> Layout:
+        return self.host.layout
+
+    def unavailable_reason(self, bank: Bank) -> str | None:
+        missing = bank.xcr0_mask & ~self.host.supported_xcr0
+        reasons = []
+        if bank.name == "apx" and not self.host.apx_cpu:
+            reasons.append("KVM_GET_SUPPORTED_CPUID lacks APX_F (CPUID.(EAX=7,ECX=1):EDX[21]=0)")
+        if missing:
+            reasons.append(f"KVM supported XCR0 {self.host.supported_xcr0:#x} lacks {missing:#x} "
+                           f"({', '.join(self.layout_names(missing))})")
+        if bank.name == "apx" and not missing and self.host.layout.has(19) is False:
+            reasons.append("KVM CPUID leaf 0xD has no component 19 (CONFIG_KVM_APX off?)")
+        return "; ".join(reasons) or None
+
+    @staticmethod
+    def layout_names(mask: int) -> list[str]:
+        from ..xsave.layout import component_name
+        return [f"{bit} {component_name(bit)}" for bit in range(64) if mask >> bit & 1]
+
+    def start(self, bank: Bank, payload: bytes) -> "KvmSession":
+        return KvmSession.boot(self, bank, payload)
+
+
+class KvmSession(Session):
+    backend = "kvm"
+    features = frozenset({"raw_xsave", "legacy_get_xsave", "fresh_vm"})
+
+    def __init__(self, owner: KvmBackend, bank: Bank, vm: MicroVm, stage: int | None):
+        super().__init__()
+        self.owner = owner
+        self.bank = bank
+        self.layout = owner.layout
+        self.vm = vm
+        self.stage = stage
+
+    @classmethod
+    def boot(cls, owner: KvmBackend, bank: Bank, payload: bytes) -> "KvmSession":
+        vm = MicroVm(owner.host.kvm, owner.host.guest_cpu)
+        try:
+            mailbox = protocol.pack_mailbox_header(bank_bytes=bank.size)
+            vm.boot(payload, mailbox)
+        except BaseException:
+            vm.close()
+            raise
+        return cls(owner, bank, vm, None)
+
+    # --- guest control ----------------------------------------------------------------
+    def run_to(self, stage: int) -> None:
+        if self.stage is not None:
+            self.vm.release(self.stage)
+        try:
+            event = self.vm.run(self.owner.timeout)
+        except GuestError as exc:
+            raise BackendError(f"kvm {self.bank.name}: {exc}") from None
+        if event.kind != "sync" or event.value != stage:
+            raise BackendError(f"kvm {self.bank.name}: expected sync {stage}, guest sent "
+                               f"{event.kind} {event.value} (after stage {self.stage})")
+        self.stage = stage
+
+    def finish(self) -> int:
+        if self.stage is not None:
+            self.vm.release(self.stage)
+        try:
+            event = self.vm.run(self.owner.timeout)
+        except GuestError as exc:
+            raise BackendError(f"kvm {self.bank.name}: {exc}") from None
+        if event.kind != "done":
+            raise BackendError(f"kvm {self.bank.name}: expected the guest to finish, it sent "
+                               f"{event.kind} {event.value}")
+        return event.value
+
+    # --- state ------------------------------------------------------------------------
+    def export(self) -> XsaveImage:
+        return XsaveImage(self.layout, self.vm.vcpu.get_xsave2(), where="KVM_GET_XSAVE2 vcpu0")
+
+    def export_raw(self) -> bytes:
+        return self.vm.vcpu.get_xsave2()
+
+    def export_legacy(self) -> bytes:
+        """KVM_GET_XSAVE: the first 4096 bytes only."""
+        return self.vm.vcpu.get_xsave()
+
+    def observers(self):
+        return {"KVM_GET_XSAVE2": self.export}
+
+    def import_image(self, image: XsaveImage) -> None:
+        self.import_raw(image.to_bytes())
+
+    def import_raw(self, data: bytes) -> None:
+        try:
+            self.vm.vcpu.set_xsave(data)
+        except KvmError as exc:
+            raise ImportRejected(f"kvm {self.bank.name}: {exc.strerror}", exc.errno) from None
+
+    def snapshot(self) -> KvmSnapshot:
+        if self.stage is None:
+            raise BackendError(f"kvm {self.bank.name}: snapshot before the guest reached a sync point")
+        return KvmSnapshot(self.vm.save_state(), self.stage)
+
+    def restore(self, snapshot: KvmSnapshot) -> "KvmSession":
+        """A fresh VM and vCPU with the snapshot's regs, sregs, XCRs, XSAVE and memory."""
+        vm = MicroVm(self.owner.host.kvm, self.owner.host.guest_cpu)
+        try:
+            vm.load_state(snapshot.state)
+        except KvmError as exc:
+            vm.close()
+            raise BackendError(f"kvm {self.bank.name}: restore into a fresh VM: {exc}") from None
+        vm.last_stage = snapshot.stage
+        return KvmSession(self.owner, self.bank, vm, snapshot.stage)
+
+    # --- mailbox ----------------------------------------------------------------------
+    def write_area(self, offset: int, data: bytes) -> None:
+        self.vm.write(MAILBOX + offset, data)
+
+    def read_area(self, offset: int, size: int) -> bytes:
+        return self.vm.read(MAILBOX + offset, size)
+
+    def close(self) -> None:
+        self.vm.close()
+
+

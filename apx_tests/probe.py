@@ -1,0 +1,543 @@
+"""What this host can do: CPU, XCR0, XSAVE layout, KVM, QEMU, gdb, LLVM, and per bank
+whether a KVM scenario can run here or exactly why not.
+
+``probe()`` never raises for a missing or failing tool: every group has an ``error``
+field (one line) and the facts it could not learn stay ``None``. ``Probe.to_dict()`` is
+JSON-serialisable; ``Probe.report_lines()`` is the human report of ``apx-tests probe``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import hostcpu
+
+__all__ = [
+    "Probe", "CpuFacts", "KvmFacts", "QemuFacts", "ToolFacts", "LlvmFacts", "BankFacts",
+    "probe", "probe_cpu", "probe_kvm", "probe_qemu", "probe_gdb", "probe_llvm", "bank_facts",
+    "parse_qemu_version", "parse_gdb_version", "parse_llvm_version", "xcr0_bits_text",
+    "parse_cpuid_requirement", "CpuidBit", "find_qemu", "find_llvm_mc", "BANK_ORDER", "XCR0_BIT_NAMES",
+]
+
+BANK_ORDER = ("apx", "hi16_zmm", "zmm_hi256", "opmask", "ymm", "xmm", "x87")
+
+XCR0_BIT_NAMES = {
+    0: "x87", 1: "SSE", 2: "AVX", 3: "BNDREGS", 4: "BNDCSR", 5: "opmask", 6: "ZMM_Hi256",
+    7: "Hi16_ZMM", 9: "PKRU", 17: "XTILECFG", 18: "XTILEDATA", 19: "APX",
+}
+
+TOOL_TIMEOUT = 30  # seconds for one external command
+
+
+def _one_line(text: str) -> str:
+    text = " ".join(str(text).split())
+    return text[:300] + ("..." if len(text) > 300 else "")
+
+
+def _err(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is None:
+        return _one_line(exc.strerror)  # KvmError(errno, "KVM_...: message"): no "[Errno n]"
+    return _one_line(str(exc) or type(exc).__name__)
+
+
+# --- groups of facts --------------------------------------------------------------------
+
+@dataclass
+class CpuFacts:
+    vendor: str | None = None
+    family: int | None = None
+    model: int | None = None
+    stepping: int | None = None
+    microcode: int | None = None
+    model_name: str | None = None
+    apx: bool | None = None            # CPUID.(EAX=7,ECX=1):EDX[21] (APX_F)
+    avx: bool | None = None            # CPUID.1:ECX[28]
+    avx512f: bool | None = None        # CPUID.(EAX=7,ECX=0):EBX[16]
+    osxsave: bool | None = None        # CPUID.1:ECX[27]
+    xcr0: int | None = None            # XGETBV(0)
+    xsave_size: int | None = None      # CPUID.(0xD,0).EBX: standard size for current XCR0
+    xsave_max_size: int | None = None  # CPUID.(0xD,0).ECX: standard size for all supported
+    xcr0_supported: int | None = None  # CPUID.(0xD,0).EDX:EAX
+    layout: dict[str, dict[str, int]] | None = None  # component -> {offset, size}
+    layout_error: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class KvmFacts:
+    path: str = "/dev/kvm"
+    present: bool = False
+    error: str | None = None
+    api_version: int | None = None
+    supported_xcr0: int | None = None
+    xsave2_size: int | None = None
+    apx_cpuid: bool | None = None      # KVM_GET_SUPPORTED_CPUID lists APX_F
+
+
+@dataclass
+class QemuFacts:
+    path: str | None = None
+    version: str | None = None         # "10.0.2"
+    version_line: str | None = None
+    apxf: bool | None = None           # `-cpu help` lists the apxf flag
+    accelerators: list[str] | None = None
+    error: str | None = None
+
+
+@dataclass
+class ToolFacts:
+    path: str | None = None
+    version: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class LlvmFacts:
+    path: str | None = None            # llvm-mc
+    version: str | None = None
+    apx: bool | None = None            # assembles `movq %rax, %r16` to a REX2 (0xd5) encoding
+    apx_encoding: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class BankFacts:
+    name: str
+    xcr0_mask: int
+    kvm_runnable: bool
+    reason: str | None = None          # why not, naming every missing piece
+
+
+@dataclass
+class Probe:
+    cpu: CpuFacts
+    kernel_release: str
+    kvm: KvmFacts
+    qemu: QemuFacts
+    gdb: ToolFacts
+    llvm: LlvmFacts
+    banks: dict[str, BankFacts] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def bank(self, name: str) -> BankFacts:
+        try:
+            return self.banks[name]
+        except KeyError:
+            raise KeyError(f"unknown bank {name!r}; known: {', '.join(self.banks)}") from None
+
+    def report_lines(self) -> list[str]:
+        return _report_lines(self)
+
+
+# --- helpers ----------------------------------------------------------------------------
+
+def xcr0_bits_text(bits: int) -> str:
+    """'bits 5-7 (opmask, ZMM_Hi256, Hi16_ZMM)' / 'bit 19 (APX)'."""
+    numbers = [b for b in range(64) if bits >> b & 1]
+    if not numbers:
+        return "no bits"
+    runs: list[tuple[int, int]] = []
+    for b in numbers:
+        if runs and runs[-1][1] == b - 1:
+            runs[-1] = (runs[-1][0], b)
+        else:
+            runs.append((b, b))
+    spans = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+    names = ", ".join(XCR0_BIT_NAMES.get(b, f"bit{b}") for b in numbers)
+    return f"{'bit' if len(numbers) == 1 else 'bits'} {spans} ({names})"
+
+
+def _run(argv: list[str], stdin: str | None = None, timeout: float | None = None) -> str:
+    """Run a tool; return stdout; raise RuntimeError with one line on any failure."""
+    timeout = TOOL_TIMEOUT if timeout is None else timeout
+    try:
+        proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "LC_ALL": "C"},
+                              stdin=None if stdin is not None else subprocess.DEVNULL)
+    except FileNotFoundError:
+        raise RuntimeError(f"{argv[0]}: not found") from None
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{' '.join(argv)}: timed out after {timeout:g} s") from None
+    except OSError as exc:
+        raise RuntimeError(f"{argv[0]}: {exc.strerror or exc}") from None
+    if proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).strip().splitlines()
+        raise RuntimeError(f"{' '.join(argv)}: exit {proc.returncode}"
+                           + (f": {_one_line(detail[0])}" if detail else ""))
+    return proc.stdout
+
+
+def parse_qemu_version(text: str) -> str | None:
+    m = re.search(r"QEMU emulator version (\d+\.\d+(?:\.\d+)?)", text)
+    return m.group(1) if m else None
+
+
+def parse_gdb_version(text: str) -> str | None:
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    m = re.match(r"GNU gdb\b.*?\s(\d+(?:\.\d+)+)\S*\s*$", first)
+    return m.group(1) if m else None
+
+
+def parse_llvm_version(text: str) -> str | None:
+    m = re.search(r"LLVM version (\d+(?:\.\d+)+)", text)
+    return m.group(1) if m else None
+
+
+def _bit(value: int, bit: int) -> bool:
+    return bool(value >> bit & 1)
+
+
+# --- probes of one thing each -----------------------------------------------------------
+
+def probe_cpu() -> CpuFacts:
+    facts = CpuFacts()
+    cpuid = hostcpu.cpuid
+    info = hostcpu.cpuinfo_first()
+    facts.model_name = info.get("model name")
+    facts.microcode = hostcpu.microcode()
+    try:
+        facts.vendor = hostcpu.vendor()
+        leaf1 = cpuid(1, 0)
+        facts.family, facts.model, facts.stepping = hostcpu.family_model_stepping(leaf1[0], facts.vendor)
+        facts.osxsave = _bit(leaf1[2], 27)
+        facts.avx = _bit(leaf1[2], 28)
+        max_leaf = cpuid(0, 0)[0]
+        if max_leaf >= 7:
+            facts.avx512f = _bit(cpuid(7, 0)[1], 16)
+            facts.apx = _bit(cpuid(7, 1)[3], 21) if cpuid(7, 0)[0] >= 1 else False
+        else:
+            facts.avx512f = facts.apx = False
+        if facts.osxsave:
+            facts.xcr0 = hostcpu.xgetbv(0)
+        if max_leaf >= 0xD and _bit(leaf1[2], 26):
+            eax, ebx, ecx, edx = cpuid(0xD, 0)
+            facts.xsave_size, facts.xsave_max_size = ebx, ecx
+            facts.xcr0_supported = eax | edx << 32
+    except (hostcpu.HostCpuError, OSError, ValueError) as exc:
+        facts.error = _err(exc)
+        return facts
+    facts.layout, facts.layout_error = _host_layout(cpuid)
+    return facts
+
+
+def _host_layout(cpuid) -> tuple[dict[str, dict[str, int]] | None, str | None]:
+    try:
+        from .xsave import Layout
+    except ImportError as exc:
+        return None, f"apx_tests.xsave not importable: {_err(exc)}"
+    try:
+        layout = Layout.from_cpuid(cpuid)
+    except Exception as exc:  # noqa: BLE001 - any layout failure becomes a field
+        return None, _err(exc)
+    return _layout_dict(layout), None
+
+
+def _layout_dict(layout) -> dict[str, dict[str, Any]]:
+    """component number (as str, for JSON) -> {name, offset, size} of an xsave.Layout."""
+    return {str(n): {"name": c.name, "offset": c.offset, "size": c.size, "supervisor": c.supervisor}
+            for n, c in sorted(layout.components.items())}
+
+
+def probe_kvm(path: str = "/dev/kvm") -> KvmFacts:
+    facts = KvmFacts(path=path)
+    try:
+        from .kvm import Kvm, KvmError
+    except ImportError as exc:
+        facts.error = f"apx_tests.kvm not importable: {_err(exc)}"
+        return facts
+    try:
+        kvm = Kvm.open(path)
+    except KvmError as exc:
+        facts.error = _err(exc)
+        return facts
+    facts.present = True
+    problems: list[str] = []
+    with kvm:
+        for name, getter in (("api_version", kvm.api_version), ("supported_xcr0", kvm.supported_xcr0),
+                             ("xsave2_size", kvm.xsave2_size)):
+            try:
+                setattr(facts, name, getter())
+            except (KvmError, OSError) as exc:
+                problems.append(f"{name}: {_err(exc)}")
+        try:
+            facts.apx_cpuid = any(e.function == 7 and e.index == 1 and _bit(e.edx, 21)
+                                  for e in kvm.supported_cpuid())
+        except (KvmError, OSError) as exc:
+            problems.append(f"supported_cpuid: {_err(exc)}")
+    if problems:
+        facts.error = "; ".join(problems)
+    return facts
+
+
+def find_qemu(explicit: str | None = None) -> str | None:
+    candidate = explicit or os.environ.get("APX_QEMU") or "qemu-system-x86_64"
+    if os.sep in candidate:
+        return candidate
+    return shutil.which(candidate)
+
+
+def probe_qemu(binary: str | None = None) -> QemuFacts:
+    facts = QemuFacts()
+    path = find_qemu(binary)
+    if path is None:
+        facts.error = f"{binary or 'qemu-system-x86_64'}: not found in PATH"
+        return facts
+    facts.path = path
+    try:
+        out = _run([path, "--version"])
+        facts.version_line = out.strip().splitlines()[0] if out.strip() else ""
+        facts.version = parse_qemu_version(out)
+        if facts.version is None:
+            raise RuntimeError(f"{path} --version: no 'QEMU emulator version' in {facts.version_line!r}")
+        cpu_help = _run([path, "-cpu", "help"])
+        facts.apxf = re.search(r"(?<![\w-])apxf(?![\w-])", cpu_help) is not None
+        accel = _run([path, "-accel", "help"])
+        lines = [ln.strip() for ln in accel.splitlines() if ln.strip()]
+        facts.accelerators = [ln for ln in lines if not ln.endswith(":")]
+    except RuntimeError as exc:
+        facts.error = _err(exc)
+    return facts
+
+
+def probe_gdb(binary: str = "gdb") -> ToolFacts:
+    facts = ToolFacts(path=shutil.which(binary))
+    if facts.path is None:
+        facts.error = f"{binary}: not found in PATH"
+        return facts
+    try:
+        out = _run([facts.path, "--version"])
+        facts.version = parse_gdb_version(out)
+        if facts.version is None:
+            facts.error = f"{facts.path} --version: unrecognised output {_one_line(out[:80])!r}"
+    except RuntimeError as exc:
+        facts.error = _err(exc)
+    return facts
+
+
+def find_llvm_mc() -> tuple[str | None, str | None]:
+    """(path, problem): the llvm-mc the guest builder would use (apx_tests.guests.build
+    decides: $APX_LLVM_MC, then llvm-mc-19 and other LLVM >= 18); if it finds none, the
+    llvm-mc that is there anyway (so the report can say what it is), with the reason."""
+    try:
+        from .guests.build import GuestBuildError, find_llvm_mc as builder_llvm_mc
+    except ImportError as exc:
+        return shutil.which("llvm-mc-19") or shutil.which("llvm-mc"), \
+            f"apx_tests.guests not importable: {_err(exc)}"
+    try:
+        return builder_llvm_mc(purpose="assemble the APX guest payloads"), None
+    except GuestBuildError as exc:
+        explicit = os.environ.get("APX_LLVM_MC")
+        fallback = (shutil.which(explicit) or explicit) if explicit else shutil.which("llvm-mc")
+        return fallback, _err(exc)
+
+
+def probe_llvm() -> LlvmFacts:
+    path, problem = find_llvm_mc()
+    facts = LlvmFacts(path=path, error=problem)
+    if facts.path is None:
+        facts.error = problem or "llvm-mc: not found in PATH (Debian: llvm-19)"
+        return facts
+    try:
+        facts.version = parse_llvm_version(_run([facts.path, "--version"]))
+    except RuntimeError as exc:
+        facts.error = "; ".join(filter(None, [problem, _err(exc)]))
+        return facts
+    try:
+        out = _run([facts.path, "--triple=x86_64", "--show-encoding"], stdin="movq %rax, %r16\n")
+        m = re.search(r"encoding:\s*\[([^\]]*)\]", out)
+        facts.apx_encoding = m.group(1) if m else None
+        facts.apx = bool(m) and m.group(1).split(",")[0].strip().lower() == "0xd5"
+    except RuntimeError as exc:
+        # An assembler without APX rejects %r16: that is an answer, not a probe failure.
+        facts.apx = False
+        facts.apx_encoding = None
+        facts.error = "; ".join(filter(None, [problem, f"APX test assembly rejected: {_err(exc)}"]))
+    return facts
+
+
+# --- banks ------------------------------------------------------------------------------
+
+def _banks() -> dict[str, Any]:
+    from .xsave import BANKS
+    return BANKS
+
+
+@dataclass(frozen=True)
+class CpuidBit:
+    """One CPUID bit a bank needs, parsed from its ``cpuid_requirement`` text."""
+    leaf: int
+    subleaf: int
+    register: str  # "eax".."edx"
+    bit: int
+    name: str
+
+    def value(self, cpuid) -> int:
+        regs = dict(zip(("eax", "ebx", "ecx", "edx"), cpuid(self.leaf, self.subleaf)))
+        return regs[self.register] >> self.bit & 1
+
+    def describe(self, value: int) -> str:
+        """'APX_F (CPUID.(EAX=7,ECX=1):EDX[21]=0)', the notation of the SDM."""
+        leaf = str(self.leaf) if self.leaf < 10 else f"{self.leaf:#x}"
+        where = (f"CPUID.(EAX={leaf},ECX={self.subleaf})" if self.leaf in _SUBLEAF_LEAVES or self.subleaf
+                 else f"CPUID.{leaf}")
+        return f"{self.name} ({where}:{self.register.upper()}[{self.bit}]={value})"
+
+
+# Leaves whose meaning depends on ECX (the SDM writes them as CPUID.(EAX=n,ECX=m)).
+_SUBLEAF_LEAVES = {4, 7, 0xB, 0xD, 0xF, 0x10, 0x12, 0x14, 0x17, 0x18, 0x1D, 0x1E, 0x1F, 0x20, 0x23, 0x24, 0x29}
+
+
+_REQ_RE = re.compile(
+    r"(?:CPUID\.(?:\(EAX=(?P<leaf>\w+),\s*ECX=(?P<sub>\w+)\)|(?P<leaf1>\w+)):)?"
+    r"(?P<reg>E[ABCD]X)\[(?P<lo>\d+)(?:\.\.(?P<hi>\d+))?\]\s*\((?P<names>[^)]*)\)")
+
+
+def parse_cpuid_requirement(text: str) -> list[CpuidBit]:
+    """The CPUID bits named in a bank's requirement text, e.g.
+    ``"CPUID.(EAX=7,ECX=0):EBX[16] (AVX512F), CPUID.1:ECX[27] (OSXSAVE) and EBX[30] (AVX512BW, ...)"``.
+    A register without a leaf refers to the leaf named before it. Other conditions in the
+    text (XCR0 bits, CR4 flags) are not CPUID bits and are checked elsewhere or not at all.
+    """
+    out: list[CpuidBit] = []
+    leaf = sub = None
+    for m in _REQ_RE.finditer(text):
+        if m.group("leaf") is not None:
+            leaf, sub = int(m.group("leaf"), 0), int(m.group("sub"), 0)
+        elif m.group("leaf1") is not None:
+            leaf, sub = int(m.group("leaf1"), 0), 0
+        if leaf is None:
+            continue
+        lo = int(m.group("lo"))
+        hi = int(m.group("hi") or lo)
+        names = [n.strip() for n in m.group("names").split(",")]
+        for i, bit in enumerate(range(lo, hi + 1)):
+            name = names[i] if hi > lo and i < len(names) else names[0]
+            out.append(CpuidBit(leaf, sub, m.group("reg").lower(), bit, name.split()[0] if name else "?"))
+    return out
+
+
+def bank_facts(cpu: CpuFacts, kvm: KvmFacts,
+               cpuid: Callable[[int, int], tuple[int, int, int, int]] | None = None
+               ) -> dict[str, BankFacts]:
+    """Per bank: can a KVM scenario run here, and if not every missing piece.
+
+    Pieces: the CPU's CPUID bits (host CPUID: this KVM does not always list AVX/AVX-512 in
+    KVM_GET_SUPPORTED_CPUID although guests can use them, so supported XCR0 decides),
+    host XCR0, KVM presence, KVM supported XCR0, KVM_CAP_XSAVE2.
+    """
+    cpuid = cpuid or hostcpu.cpuid
+    try:
+        banks = _banks()
+    except ImportError as exc:
+        why = f"apx_tests.xsave not importable: {_err(exc)}"
+        return {name: BankFacts(name, 0, False, why) for name in BANK_ORDER}
+    out: dict[str, BankFacts] = {}
+    for name in [n for n in BANK_ORDER if n in banks] + sorted(set(banks) - set(BANK_ORDER)):
+        bank = banks[name]
+        mask = bank.xcr0_mask
+        missing: list[str] = []
+        if cpu.error:
+            missing.append(f"host CPUID unreadable ({cpu.error})")
+        else:
+            lacking = [req.describe(0) for req in parse_cpuid_requirement(bank.cpuid_requirement)
+                       if not req.value(cpuid)]
+            if lacking:
+                missing.append(f"CPU lacks {', '.join(lacking)}")
+        if cpu.xcr0 is not None and mask & ~cpu.xcr0:
+            missing.append(f"host XCR0 {cpu.xcr0:#x} lacks {xcr0_bits_text(mask & ~cpu.xcr0)}")
+        if not kvm.present:
+            missing.append(f"KVM unavailable ({kvm.error})")
+        elif kvm.supported_xcr0 is None:
+            missing.append(f"KVM supported XCR0 unknown ({kvm.error})")
+        elif mask & ~kvm.supported_xcr0:
+            missing.append(f"KVM supported XCR0 {kvm.supported_xcr0:#x} lacks "
+                           f"{xcr0_bits_text(mask & ~kvm.supported_xcr0)}")
+        if kvm.present and kvm.xsave2_size is None:
+            missing.append(f"KVM_CAP_XSAVE2 size unknown ({kvm.error})")
+        out[name] = BankFacts(name, mask, not missing, "; ".join(missing) or None)
+    return out
+
+
+# --- all of it --------------------------------------------------------------------------
+
+def probe(qemu: str | None = None, kvm_path: str = "/dev/kvm") -> Probe:
+    cpu = probe_cpu()
+    kvm = probe_kvm(kvm_path)
+    result = Probe(cpu=cpu, kernel_release=os.uname().release, kvm=kvm, qemu=probe_qemu(qemu),
+                   gdb=probe_gdb(), llvm=probe_llvm())
+    result.banks = bank_facts(cpu, kvm)
+    return result
+
+
+def _hex(value: int | None) -> str:
+    return "unknown" if value is None else f"{value:#x}"
+
+
+def _yes(value: bool | None) -> str:
+    return "unknown" if value is None else ("yes" if value else "no")
+
+
+def _report_lines(p: Probe) -> list[str]:
+    c, k, q, g, l = p.cpu, p.kvm, p.qemu, p.gdb, p.llvm
+    lines = [
+        f"cpu: {c.vendor} family {c.family} model {c.model} stepping {c.stepping}"
+        + (f" ({c.model_name})" if c.model_name else ""),
+        f"cpu microcode: {_hex(c.microcode)}",
+    ]
+    if c.error:
+        lines.append(f"cpu error: {c.error}")
+    lines += [
+        f"cpu APX_F (CPUID.(7,1).EDX[21]): {_yes(c.apx)}",
+        f"cpu AVX: {_yes(c.avx)}, AVX512F: {_yes(c.avx512f)}",
+        f"host XCR0: {_hex(c.xcr0)}",
+        f"host XSAVE size (CPUID 0xD.0 EBX/ECX): {c.xsave_size} / {c.xsave_max_size}",
+    ]
+    if c.layout is not None:
+        comps = ", ".join(f"{n} {v['name']}@{v['offset']}+{v['size']}" if not v.get("supervisor")
+                          else f"{n} {v['name']} (supervisor)+{v['size']}" for n, v in c.layout.items())
+        lines.append(f"host XSAVE layout (component name@offset+size): {comps}")
+    else:
+        lines.append(f"host XSAVE layout: unavailable ({c.layout_error})")
+    lines.append(f"kernel: {p.kernel_release}")
+    if k.present:
+        lines += [
+            f"kvm: {k.path} present",
+            f"kvm API version: {k.api_version}",
+            f"kvm supported XCR0: {_hex(k.supported_xcr0)}",
+            f"kvm KVM_CAP_XSAVE2 size: {k.xsave2_size}",
+            f"kvm supported CPUID APX_F: {_yes(k.apx_cpuid)}",
+        ]
+        if k.error:
+            lines.append(f"kvm error: {k.error}")
+    else:
+        lines.append(f"kvm: unavailable: {k.error}")
+    if q.error and q.version is None:
+        lines.append(f"qemu: unavailable: {q.error}")
+    else:
+        lines += [
+            f"qemu: {q.path} version {q.version}",
+            f"qemu -cpu apxf: {_yes(q.apxf)}",
+            f"qemu accelerators: {', '.join(q.accelerators) if q.accelerators is not None else 'unknown'}",
+        ]
+        if q.error:
+            lines.append(f"qemu error: {q.error}")
+    lines.append(f"gdb: {g.path} version {g.version}" if g.version else f"gdb: unavailable: {g.error}")
+    if l.version:
+        lines.append(f"llvm-mc: {l.path} version {l.version}")
+        lines.append(f"llvm-mc knows APX: {_yes(l.apx)}"
+                     + (f" (movq %rax, %r16 -> {l.apx_encoding})" if l.apx_encoding else "")
+                     + (f" ({l.error})" if l.error else ""))
+    else:
+        lines.append(f"llvm-mc: unavailable: {l.error}")
+    for b in p.banks.values():
+        lines.append(f"bank {b.name}: runnable on KVM" if b.kvm_runnable
+                     else f"bank {b.name}: not runnable on KVM: {b.reason}")
+    return lines

@@ -1,0 +1,180 @@
+"""The scenarios: short step lists over a Session and a Bank, after the kernel's
+x86/apx_test.c and state_test.c and the seed patch's ABI rules.
+
+Each scenario is written once for every bank and backend.  Backend-specific ABI checks
+declare the Session features they need; a backend without them does not get the case.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ..backend import ImportRejected
+from ..guests import protocol
+from ..xsave import XsaveImage
+from ..xsave.layout import APX, BNDREGS, LEGACY_FIELDS, PKRU, XTILECFG
+from .engine import (GARBAGE, IMPORTED, LOADED, Run, ScenarioFailure, check_components_present,
+                     check_registers, check_untouched, compare_images, guest_verify, init_readout, load_bank)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    run: Callable[[Run], None]
+    summary: str
+    requires: frozenset[str] = frozenset()
+
+
+def _loaded_session(run: Run):
+    """Boot, take the baseline at stage 0, load the bank: (session, baseline image)."""
+    session = run.start()
+    session.run_to(protocol.STAGE_STARTED)
+    baseline = session.export()
+    load_bank(run, session, run.pattern(LOADED))
+    return session, baseline
+
+
+def export(run: Run) -> None:
+    """Guest loads -> the VMM's export holds the values at the CPUID offsets, the bank's
+    XSTATE_BV bits set, everything else as before the load; the guest still has them."""
+    session, baseline = _loaded_session(run)
+    expected = run.pattern(LOADED)
+    failures = []
+    for name, observe in session.observers().items():
+        image = observe()
+        failures += check_registers(image, expected, what=name)
+        failures += check_components_present(image, run.bank, what=name)
+        failures += check_untouched(image, baseline, run.bank, what=name)
+    if "raw_xsave" in session.features:
+        size = len(session.export_raw())
+        if size != session.owner.host.xsave2_size:
+            failures.append(f"KVM_GET_XSAVE2 returned {size} bytes, KVM_CAP_XSAVE2 says "
+                            f"{session.owner.host.xsave2_size}")
+    if failures:
+        raise ScenarioFailure(failures)
+    guest_verify(run, session, expected, what="after export")
+
+
+def import_(run: Run) -> None:
+    """Host writes new values into the exported image -> import -> the guest sees them."""
+    session, _ = _loaded_session(run)
+    image = session.export()
+    wanted = run.pattern(IMPORTED)
+    for name, value in wanted.items():
+        image.write(name, value)
+    session.import_image(run.before_import(image))
+    guest_verify(run, session, wanted, what="after import")
+
+
+def round_trip(run: Run) -> None:
+    """export -> import -> export gives the same bytes; the guest keeps its values."""
+    session, _ = _loaded_session(run)
+    first = session.export()
+    session.import_image(run.before_import(first.copy()))
+    second = session.export()
+    failures = compare_images(first, second, run.bank, what="round trip")
+    if failures:
+        raise ScenarioFailure(failures)
+    guest_verify(run, session, run.pattern(LOADED), what="after round trip")
+
+
+def fresh_vm(run: Run) -> None:
+    """Snapshot at LOADED, restore into a new VM/vCPU; its export equals the snapshot's and
+    the guest continues there and finds its values."""
+    session, _ = _loaded_session(run)
+    before = session.export()
+    snapshot = session.snapshot()
+    session.close()
+    restored = run.adopt(session.restore(snapshot))
+    after = restored.export()
+    failures = compare_images(before, after, run.bank, what="fresh VM export")
+    failures += check_registers(after, run.pattern(LOADED), what="fresh VM export")
+    if failures:
+        raise ScenarioFailure(failures)
+    guest_verify(run, restored, run.pattern(LOADED), what="in the fresh VM")
+
+
+def init_state(run: Run) -> None:
+    """Import with the bank's XSTATE_BV bits clear but garbage in its bytes: the component
+    is in its init state and the guest must read init values, not the garbage."""
+    session, _ = _loaded_session(run)
+    image = session.export()
+    garbage = run.pattern(GARBAGE)
+    for name, value in garbage.items():
+        image.write(name, value)
+    if 0 in run.bank.components:
+        # Tag every x87 register valid, else a VMM that ignored XSTATE_BV would still show
+        # empty registers and the guest's fstpt would store "indefinite" either way.
+        _set_legacy_byte(image, "ftw", 0xFF)
+    image.xstate_bv &= ~run.bank.xstate_mask
+    session.import_image(run.before_import(image))
+    guest_verify(run, session, init_readout(run.bank), what="after init-state import")
+
+
+def _set_legacy_byte(image: XsaveImage, field: str, value: int) -> None:
+    offset, _ = LEGACY_FIELDS[field]
+    data = bytearray(image.raw_component_bytes(0))
+    data[offset] = value
+    image.set_component_bytes(0, bytes(data), mark=True)
+
+
+def _invalid_images(run: Run, session) -> list[tuple[str, bytes]]:
+    """Buffers KVM_SET_XSAVE must refuse on this host, built from a valid export."""
+    supported = session.owner.host.supported_xcr0
+    good = session.export_raw()
+    cases = []
+    for bit in (APX, BNDREGS, PKRU, XTILECFG):
+        if not supported >> bit & 1:
+            cases.append((f"XSTATE_BV bit {bit} outside supported XCR0 {supported:#x}",
+                          _with_xstate_bits(good, 1 << bit)))
+    compacted = bytearray(good)
+    compacted[520 + 7] |= 0x80  # XCOMP_BV bit 63
+    cases.append(("XCOMP_BV bit 63 (compacted) in KVM_SET_XSAVE", bytes(compacted)))
+    cases.append(("XSTATE_BV with APX and MPX together", _with_xstate_bits(good, (1 << APX) | (1 << BNDREGS))))
+    return cases
+
+
+def _with_xstate_bits(data: bytes, bits: int) -> bytes:
+    out = bytearray(data)
+    xstate_bv = int.from_bytes(out[512:520], "little") | bits
+    out[512:520] = xstate_bv.to_bytes(8, "little")
+    return bytes(out)
+
+
+def negative(run: Run) -> None:
+    """Invalid imports return EINVAL and change nothing: a later export equals the one
+    before, the guest keeps its values; KVM_GET_XSAVE agrees with XSAVE2's first 4096 bytes."""
+    session, _ = _loaded_session(run)
+    before = session.export_raw()
+    failures = []
+    legacy = session.export_legacy()
+    if legacy != before[:4096]:
+        failures.append("KVM_GET_XSAVE differs from KVM_GET_XSAVE2's first 4096 bytes")
+    for what, data in _invalid_images(run, session):
+        try:
+            session.import_raw(data)
+        except ImportRejected as exc:
+            if exc.errno != 22:
+                failures.append(f"{what}: rejected with errno {exc.errno}, want EINVAL (22)")
+        else:
+            failures.append(f"{what}: KVM_SET_XSAVE accepted it, want EINVAL")
+        after = session.export_raw()
+        if after != before:
+            failures += compare_images(XsaveImage(session.layout, before),
+                                       XsaveImage(session.layout, after), run.bank,
+                                       what=f"{what}: state changed by a refused import")
+    if failures:
+        raise ScenarioFailure(failures)
+    guest_verify(run, session, run.pattern(LOADED), what="after refused imports")
+
+
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
+    Scenario("export", export, "guest loads; the export holds the values at CPUID offsets"),
+    Scenario("import", import_, "host edits the image; import; the guest sees the edit"),
+    Scenario("round_trip", round_trip, "export -> import -> export is identical"),
+    Scenario("fresh_vm", fresh_vm, "restore into a fresh VM; the guest continues"),
+    Scenario("init_state", init_state, "XSTATE_BV bit clear + garbage: the guest reads init values"),
+    Scenario("negative", negative, "invalid imports return EINVAL and lose nothing",
+             frozenset({"raw_xsave", "legacy_get_xsave"})),
+)}

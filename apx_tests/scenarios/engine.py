@@ -1,0 +1,136 @@
+"""The pieces every scenario is made of: a Run (backend + bank + payload), guest loading
+and verification through the mailbox, and checks that turn images into failure lines.
+
+A scenario fails by raising ScenarioFailure whose lines each name the bank, the register
+and the bytes (e.g. `KVM_GET_XSAVE2: ymm ymm13 byte 5: want 0x8f got 0x90`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..backend import Backend, Session
+from ..guests import protocol
+from ..xsave import Bank, XsaveImage, diff_images, diff_registers
+
+# Patterns per stage: what the guest loads, what the host imports, garbage for init tests.
+LOADED, IMPORTED, GARBAGE = 1, 2, 3
+
+
+class ScenarioFailure(AssertionError):
+    """The scenario saw something wrong; one line per finding."""
+
+    def __init__(self, lines: list[str] | str):
+        self.lines = [lines] if isinstance(lines, str) else list(lines)
+        super().__init__("\n".join(self.lines))
+
+
+@dataclass
+class Run:
+    """One scenario execution: owns every session it starts and closes them all."""
+
+    backend: Backend
+    bank: Bank
+    payload: bytes
+    # Self-tests only: corrupt an image after the expected values are fixed, before import.
+    tamper: Callable[[XsaveImage], None] | None = None
+    sessions: list[Session] = field(default_factory=list)
+
+    def start(self) -> Session:
+        session = self.backend.start(self.bank, self.payload)
+        self.sessions.append(session)
+        return session
+
+    def adopt(self, session: Session) -> Session:
+        self.sessions.append(session)
+        return session
+
+    def pattern(self, stage: int) -> dict[str, bytes]:
+        return self.bank.pattern(stage)
+
+    def before_import(self, image: XsaveImage) -> XsaveImage:
+        if self.tamper is not None:
+            self.tamper(image)
+        return image
+
+    def close(self) -> None:
+        while self.sessions:
+            self.sessions.pop().close()
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def load_bank(run: Run, session: Session, values: dict[str, bytes]) -> None:
+    """Give the guest its values and run it until they sit in the bank (stage LOADED)."""
+    session.write_area(protocol.LOAD_AREA, run.bank.pack(values))
+    session.run_to(protocol.STAGE_LOADED)
+
+
+def guest_verify(run: Run, session: Session, expected: dict[str, bytes], *, what: str) -> None:
+    """Let the guest store its bank and compare it with `expected`; fail naming registers."""
+    bank = run.bank
+    session.write_area(protocol.EXPECT_AREA, bank.pack(expected))
+    session.run_to(protocol.STAGE_VERIFIED)
+    mailbox = session.mailbox()
+    stored = bank.unpack(session.read_area(protocol.STORE_AREA, bank.size))
+    if mailbox.status == protocol.STATUS_OK:
+        # The guest's own compare said ok: cross-check, a broken compare must not pass.
+        diffs = diff_registers(expected, stored)
+        if diffs:
+            raise ScenarioFailure([f"{what}: guest reported ok but stored {d}" for d in diffs])
+    elif mailbox.status == protocol.STATUS_MISMATCH:
+        register, byte = bank.locate(mailbox.mismatch_offset)
+        lines = [f"{what}: guest sees {d}" for d in diff_registers(expected, stored)]
+        lines.insert(0, f"{what}: guest verify failed at {bank.name} {register} byte {byte}")
+        raise ScenarioFailure(lines)
+    else:
+        raise ScenarioFailure(f"{what}: guest did not verify {bank.name} (status {mailbox.status})")
+    status = session.finish()
+    if status != protocol.STATUS_OK:
+        raise ScenarioFailure(f"{what}: guest finished with status {status} after verifying ok")
+
+
+def check_registers(image: XsaveImage, expected: dict[str, bytes], *, what: str) -> list[str]:
+    return [f"{what}: {d}" for d in diff_registers(expected, image)]
+
+
+def compare_images(want: XsaveImage, got: XsaveImage, bank: Bank, *, what: str) -> list[str]:
+    """Every difference between two images: the bank's registers by their bank names first,
+    then anything else by component, then the header."""
+    lines = check_registers(got, {name: want.read(name) for name in bank.names}, what=what)
+    lines += [f"{what}: outside {bank.name}: {d}" for d in diff_images(want, got, ignore=(bank,))]
+    if not lines and want.to_bytes() != got.to_bytes():
+        lines.append(f"{what}: XSTATE_BV {want.xstate_bv:#x} -> {got.xstate_bv:#x}, "
+                     f"XCOMP_BV {want.xcomp_bv:#x} -> {got.xcomp_bv:#x} or padding bytes differ")
+    return lines
+
+
+def check_components_present(image: XsaveImage, bank: Bank, *, what: str) -> list[str]:
+    """A bank holding non-zero values must have its XSTATE_BV bits set (the seed patch's
+    'XSTATE_BV[APX] missing on export' bug)."""
+    missing = bank.xstate_mask & ~image.xstate_bv
+    if missing:
+        return [f"{what}: XSTATE_BV {image.xstate_bv:#x} lacks {missing:#x} for {bank.name} "
+                f"holding non-zero values"]
+    return []
+
+
+def check_untouched(image: XsaveImage, baseline: XsaveImage, bank: Bank, *, what: str) -> list[str]:
+    """Everything outside the bank (and its documented side effects) equals the baseline."""
+    ignore = (bank, *bank.side_effects)
+    return [f"{what}: outside {bank.name}: {d}" for d in diff_images(baseline, image, ignore=ignore)]
+
+
+# What the payload's store sequence reads from a bank whose component is in its init
+# state.  Zeros, except x87: init empties the register stack, so each `fstpt` underflows
+# (masked by the init FCW 0x037F) and stores the QNaN "real indefinite".
+def init_readout(bank: Bank) -> dict[str, bytes]:
+    if bank.name == "x87":
+        indefinite = (0xFFFF << 64 | 0xC000000000000000).to_bytes(10, "little")
+        return {name: indefinite for name in bank.names}
+    return {reg.name: bytes(reg.width) for reg in bank.registers}

@@ -1,0 +1,150 @@
+/*
+ * guests_harness.c - run a guest payload as an ordinary Linux process, with
+ * this program standing in for the VMM.  Used by tests/test_guests_userspace.py
+ * to execute the payloads' sync and compare code for real on banks the build
+ * machine's CPU has (xmm, ymm, x87; AVX-512 and APX where present).
+ *
+ * A process runs at CPL3 with IOPL 0, so the payload's "out" raises #GP and
+ * the kernel delivers SIGSEGV: the handler emulates the two ports.
+ *   port 0xE9 (sync): log the character; release stages 0 and 2 at once.
+ *     Stage 1 is released by a helper thread after a pause, which also checks
+ *     that the guest really waited (nothing stored, no status) meanwhile.
+ *   port 0xF4 (exit): write the mailbox to OUT, print the log, exit(status).
+ * The kernel saves and restores all register state around a signal handler,
+ * so the bank survives the emulated exits just as it survives a VM exit.
+ *
+ * usage: guests_harness PAYLOAD.bin MAILBOX_IN OUT
+ * exit:  the status the payload reported (1 ok, 2 mismatch); 77 when the CPU
+ *        or kernel does not enable the bank (SIGILL); >= 100 harness errors.
+ */
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+#define MAILBOX_SIZE 0x4000
+#define OFF_STAGE 0x04
+#define OFF_GO 0x08
+#define OFF_STATUS 0x0C
+#define OFF_BANK_BYTES 0x14
+#define STORE_AREA 0x3000
+#define SYNC_PORT 0xE9
+#define EXIT_PORT 0xF4
+
+static volatile uint32_t *mailbox_u32;
+static uint8_t *mailbox;
+static const char *out_path;
+static char sync_log[64];
+static volatile int sync_log_len;
+static volatile int waited_at_stage1 = -1; /* 1: guest held still, 0: it did not */
+
+static void die(const char *msg, int code)
+{
+    (void)!write(2, msg, strlen(msg));
+    _exit(code);
+}
+
+static void load_file(const char *path, void *dst, size_t max, size_t *len)
+{
+    int fd = open(path, O_RDONLY);
+    if (fd < 0)
+        die("harness: cannot open input\n", 100);
+    ssize_t n = read(fd, dst, max);
+    close(fd);
+    if (n <= 0)
+        die("harness: empty input\n", 100);
+    if (len)
+        *len = (size_t)n;
+}
+
+static void finish(int status)
+{
+    int fd = open(out_path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0 || write(fd, mailbox, MAILBOX_SIZE) != MAILBOX_SIZE)
+        die("harness: cannot write mailbox\n", 101);
+    close(fd);
+    char line[128];
+    int n = snprintf(line, sizeof line, "log=%.*s waited=%d\n", sync_log_len, sync_log, waited_at_stage1);
+    (void)!write(1, line, n);
+    _exit(status);
+}
+
+static void on_sigsegv(int sig, siginfo_t *info, void *context)
+{
+    ucontext_t *uc = context;
+    const uint8_t *rip = (const uint8_t *)uc->uc_mcontext.gregs[REG_RIP];
+    (void)sig, (void)info;
+    if (rip[0] != 0xE6) /* out imm8, %al: the only fault a payload should take */
+        die("harness: payload faulted, not at an out instruction\n", 102);
+    uint8_t port = rip[1], al = uc->uc_mcontext.gregs[REG_RAX] & 0xFF;
+    if (port == EXIT_PORT)
+        finish(al);
+    if (port != SYNC_PORT)
+        die("harness: out to an unknown port\n", 103);
+    if (sync_log_len < (int)sizeof sync_log)
+        sync_log[sync_log_len++] = (char)al;
+    uint32_t stage = mailbox_u32[OFF_STAGE / 4];
+    if (stage != (uint32_t)(al - '0'))
+        die("harness: sync character does not match the stage in the mailbox\n", 104);
+    if (stage != 1)
+        mailbox_u32[OFF_GO / 4] = stage;
+    uc->uc_mcontext.gregs[REG_RIP] += 2; /* step over the out */
+}
+
+static void on_sigill(int sig)
+{
+    (void)sig;
+    die("harness: illegal instruction (bank not enabled on this CPU/kernel)\n", 77);
+}
+
+static void *release_stage1(void *unused)
+{
+    (void)unused;
+    while (sync_log_len < 2 || mailbox_u32[OFF_STAGE / 4] != 1)
+        usleep(100);
+    usleep(20000); /* long enough for a guest that does not wait to run ahead */
+    int untouched = mailbox_u32[OFF_STATUS / 4] == 0;
+    uint32_t bank_bytes = mailbox_u32[OFF_BANK_BYTES / 4];
+    for (uint32_t i = 0; i < bank_bytes && i < 0x1000; i++)
+        untouched &= mailbox[STORE_AREA + i] == 0;
+    waited_at_stage1 = untouched;
+    __atomic_store_n(&mailbox_u32[OFF_GO / 4], 1, __ATOMIC_SEQ_CST);
+    return NULL;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc != 4)
+        die("usage: guests_harness PAYLOAD.bin MAILBOX_IN OUT\n", 100);
+    out_path = argv[3];
+
+    uint8_t *code = mmap(NULL, 1 << 16, PROT_READ | PROT_WRITE | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    mailbox = mmap(NULL, MAILBOX_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (code == MAP_FAILED || mailbox == MAP_FAILED)
+        die("harness: mmap failed\n", 100);
+    mailbox_u32 = (volatile uint32_t *)mailbox;
+    load_file(argv[1], code, 1 << 16, NULL);
+    load_file(argv[2], mailbox, MAILBOX_SIZE, NULL);
+
+    struct sigaction sa = {0};
+    sa.sa_sigaction = on_sigsegv;
+    sa.sa_flags = SA_SIGINFO;
+    sigaction(SIGSEGV, &sa, NULL);
+    signal(SIGILL, on_sigill);
+
+    pthread_t helper;
+    if (pthread_create(&helper, NULL, release_stage1, NULL))
+        die("harness: pthread_create failed\n", 100);
+
+    /* Enter at the first byte with %rdi = mailbox and a 16-byte aligned stack. */
+    __asm__ volatile("and $-16, %%rsp\n\tjmp *%1" : : "D"(mailbox), "r"(code) : "memory");
+    __builtin_unreachable();
+}

@@ -1,0 +1,137 @@
+"""The pytest plugin: marker, options and their ini twins, the once-per-session probe
+fixture, and apx_skip_or_fail (skip, or fail under --apx-require)."""
+
+from __future__ import annotations
+
+import pytest
+
+from apx_tests import plugin
+
+SKIP_OR_FAIL = """
+import pytest
+from apx_tests.plugin import apx_skip_or_fail
+
+pytestmark = pytest.mark.apx
+
+def test_cannot_run():
+    apx_skip_or_fail("apx: CPU lacks APX_F (CPUID.(EAX=7,ECX=1):EDX[21]=0)")
+
+def test_runs():
+    pass
+"""
+
+
+@pytest.fixture(autouse=True)
+def _quiet_rewrite_warning(pytester):
+    # apx_tests is already imported by the outer session: the inner one cannot rewrite it.
+    pytester.makeini("[pytest]\nfilterwarnings = ignore::pytest.PytestAssertRewriteWarning\n")
+
+
+def test_skips_by_default(pytester):
+    pytester.makepyfile(SKIP_OR_FAIL)
+    result = pytester.runpytest("-ra", "--strict-markers")
+    result.assert_outcomes(passed=1, skipped=1)
+    result.stdout.fnmatch_lines(["SKIPPED [[]1[]] test_skips_by_default.py:*: apx: CPU lacks APX_F*"])
+
+
+def test_fails_with_apx_require(pytester):
+    pytester.makepyfile(SKIP_OR_FAIL)
+    result = pytester.runpytest("-ra", "--apx-require")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["--apx-require: apx: CPU lacks APX_F (CPUID.(EAX=7,ECX=1):EDX[[]21[]]=0)",
+                                 "FAILED *::test_cannot_run - Failed: --apx-requir*"])
+    assert "Traceback" not in result.stdout.str()
+
+
+def test_apx_require_from_ini(pytester):
+    pytester.makepyfile(SKIP_OR_FAIL)
+    pytester.makeini("[pytest]\napx_require = true\n"
+                     "filterwarnings = ignore::pytest.PytestAssertRewriteWarning\n")
+    pytester.runpytest().assert_outcomes(passed=1, failed=1)
+
+
+def test_marker_selects(pytester):
+    pytester.makepyfile(SKIP_OR_FAIL)
+    pytester.makepyfile(test_other="def test_plain():\n    pass\n")  # not marked apx
+    result = pytester.runpytest("-m", "apx", "--strict-markers")
+    result.assert_outcomes(passed=1, skipped=1, deselected=1)
+
+
+def test_probe_fixture_computed_once_per_session(pytester, monkeypatch):
+    calls = []
+    real = plugin.probe
+
+    def counting_probe(**kwargs):
+        calls.append(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(plugin, "probe", counting_probe)
+    pytester.makepyfile(
+        test_a="def test_a(apx_probe):\n    assert apx_probe.kernel_release\n",
+        test_b="def test_b(apx_probe):\n    assert apx_probe.banks['x87'].name == 'x87'\n",
+    )
+    result = pytester.runpytest_inprocess("--apx-qemu", "/nonexistent/qemu", "--junitxml=out.xml")
+    result.assert_outcomes(passed=2)
+    assert calls == [{"qemu": "/nonexistent/qemu"}]
+    result.stdout.fnmatch_lines(["*= apx probe =*", "qemu: unavailable: *"])
+    junit = (pytester.path / "out.xml").read_text()
+    assert '<property name="apx.bank.x87"' in junit
+
+
+def test_no_probe_no_probe_section(pytester):
+    pytester.makepyfile("def test_x():\n    pass\n")
+    result = pytester.runpytest()
+    assert "apx probe" not in result.stdout.str()
+
+
+@pytest.mark.parametrize("args, ini, want", [
+    ([], None, ("kvm", "qemu")),
+    (["--apx-backend", "kvm"], None, ("kvm",)),
+    (["--apx-backend", "qemu", "--apx-backend", "kvm"], None, ("kvm", "qemu")),
+    ([], "qemu", ("qemu",)),
+    (["--apx-backend", "all"], "qemu", ("kvm", "qemu")),
+])
+def test_backend_selection(pytester, args, ini, want):
+    if ini:
+        pytester.makeini(f"[pytest]\napx_backend = {ini}\n")  # (warning filter not needed here)
+    pytester.makeconftest(
+        "from apx_tests.plugin import apx_backends\n"
+        "def pytest_configure(config):\n"
+        "    config._apx_seen = apx_backends(config)\n")
+    pytester.makepyfile(f"def test_x(pytestconfig):\n    assert pytestconfig._apx_seen == {want!r}\n")
+    pytester.runpytest(*args).assert_outcomes(passed=1)
+
+
+def test_bad_backend_is_a_usage_error(pytester):
+    pytester.makepyfile("def test_x():\n    pass\n")
+    result = pytester.runpytest("--apx-backend", "vmware")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    pytester.makeini("[pytest]\napx_backend = vmware\n")
+    result = pytester.runpytest()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*apx_backend ini: unknown backend(s) vmware*"])
+
+
+def test_artifacts_and_qemu_options(pytester):
+    pytester.makeini("[pytest]\napx_artifacts = out/art\napx_qemu = /opt/q\n")
+    pytester.makepyfile(
+        "from apx_tests.plugin import apx_artifacts, apx_qemu\n"
+        "def test_x(pytestconfig):\n"
+        "    assert apx_artifacts(pytestconfig) == str(pytestconfig.rootpath / 'out/art')\n"
+        "    assert apx_qemu(pytestconfig) == '/opt/q'\n")
+    pytester.runpytest().assert_outcomes(passed=1)
+    pytester.makepyfile(
+        "from apx_tests.plugin import apx_artifacts, apx_qemu\n"
+        "def test_x(pytestconfig):\n"
+        "    assert apx_artifacts(pytestconfig) == '/abs/dir'\n"
+        "    assert apx_qemu(pytestconfig) == '/usr/bin/q'\n")
+    pytester.runpytest("--apx-artifacts", "/abs/dir", "--apx-qemu", "/usr/bin/q").assert_outcomes(passed=1)
+
+
+def test_plugin_registered_once(pytester):
+    """The entry point loads it; the repo's conftest must not load it again."""
+    pytester.makepyfile("def test_x(pytestconfig):\n"
+                        "    pm = pytestconfig.pluginmanager\n"
+                        "    import apx_tests.plugin as p\n"
+                        "    assert [n for n, m in pm.list_name_plugin() if m is p] == ['apx']\n")
+    pytester.runpytest().assert_outcomes(passed=1)
