@@ -181,7 +181,7 @@ def scenario_cases(config: pytest.Config) -> list[ScenarioCase]:
             continue
         for bank in BANK_ORDER:
             for name, scenario in SCENARIOS.items():
-                if scenario.requires <= BACKEND_FEATURES[backend]:
+                if scenario.requires <= BACKEND_FEATURES[backend] and scenario.applies_to(bank):
                     cases.append(ScenarioCase(backend, bank, name))
     return cases
 
@@ -193,7 +193,7 @@ def _kvm_backend(config: pytest.Config):
 
 # Backends that can run scenarios so far, and the Session features each offers.
 BACKEND_FACTORIES = {"kvm": _kvm_backend}
-BACKEND_FEATURES = {"kvm": frozenset({"raw_xsave", "legacy_get_xsave", "fresh_vm"})}
+BACKEND_FEATURES = {"kvm": frozenset({"raw_xsave", "legacy_get_xsave", "fresh_vm", "set_xcr0"})}
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

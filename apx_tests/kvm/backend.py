@@ -98,7 +98,7 @@ class KvmBackend(Backend):
 
 class KvmSession(Session):
     backend = "kvm"
-    features = frozenset({"raw_xsave", "legacy_get_xsave", "fresh_vm"})
+    features = frozenset({"raw_xsave", "legacy_get_xsave", "fresh_vm", "set_xcr0"})
 
     def __init__(self, owner: KvmBackend, bank: Bank, vm: MicroVm, stage: int | None):
         super().__init__()
@@ -166,6 +166,19 @@ class KvmSession(Session):
             self.vm.vcpu.set_xsave(data)
         except KvmError as exc:
             raise ImportRejected(f"kvm {self.bank.name}: {exc.strerror}", exc.errno) from None
+
+    def get_xcr0(self) -> int:
+        xcrs = self.vm.vcpu.get_xcrs()
+        return next((x.value for x in xcrs.xcrs[: xcrs.nr_xcrs] if x.xcr == 0), 0)
+
+    def set_xcr0(self, value: int) -> None:
+        """KVM_SET_XCRS: the same __kvm_set_xcr() path a guest XSETBV exit takes (our
+        payload runs at CPL3, where XSETBV would #GP)."""
+        try:
+            self.vm.vcpu.set_xcr0(value)
+        except KvmError as exc:
+            raise ImportRejected(f"kvm {self.bank.name}: KVM_SET_XCRS {value:#x}: {exc.strerror}",
+                                 exc.errno) from None
 
     def snapshot(self) -> KvmSnapshot:
         if self.stage is None:

@@ -1,0 +1,1 @@
+"""QEMU backend pieces (see docs/migration.md for the migration-stream reader)."""
