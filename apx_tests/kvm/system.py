@@ -90,6 +90,9 @@ class _Fd:
 class Kvm(_Fd):
     """/dev/kvm: system ioctls."""
 
+    _mmap_size: int | None = None
+    _xsave2_size: int | None = None
+
     @classmethod
     def open(cls, path: str = "/dev/kvm") -> "Kvm":
         try:
@@ -110,7 +113,9 @@ class Kvm(_Fd):
         return self.ioctl(abi.KVM_CHECK_EXTENSION, cap)
 
     def vcpu_mmap_size(self) -> int:
-        return self.ioctl(abi.KVM_GET_VCPU_MMAP_SIZE)
+        if self._mmap_size is None:
+            self._mmap_size = self.ioctl(abi.KVM_GET_VCPU_MMAP_SIZE)
+        return self._mmap_size
 
     def supported_cpuid(self, max_entries: int = 256) -> list[CpuidEntry]:
         while True:
@@ -143,8 +148,10 @@ class Kvm(_Fd):
 
     def xsave2_size(self) -> int:
         """KVM_CAP_XSAVE2 asked on a VM fd: the buffer size for KVM_GET_XSAVE2/KVM_SET_XSAVE."""
-        with self.create_vm() as vm:
-            return vm.xsave2_size()
+        if self._xsave2_size is None:
+            with self.create_vm() as vm:
+                self._xsave2_size = vm.xsave2_size()
+        return self._xsave2_size
 
 
 def _cpuid2_buffer(nent: int):
@@ -153,6 +160,16 @@ def _cpuid2_buffer(nent: int):
                     ("entries", abi.kvm_cpuid_entry2 * nent)]
     buf = Cpuid2()
     buf.nent = nent
+    return buf
+
+
+def cpuid2_buffer(entries) -> ctypes.Structure:
+    """A struct kvm_cpuid2 holding `entries`; build once and reuse for every vCPU."""
+    buf = _cpuid2_buffer(len(entries))
+    for slot, entry in zip(buf.entries, entries):
+        (slot.function, slot.index, slot.flags, slot.eax, slot.ebx, slot.ecx,
+         slot.edx) = (entry.function, entry.index, entry.flags, entry.eax, entry.ebx,
+                      entry.ecx, entry.edx)
     return buf
 
 
@@ -171,6 +188,9 @@ class Vm(_Fd):
         return self.ioctl(abi.KVM_CHECK_EXTENSION, cap)
 
     def xsave2_size(self) -> int:
+        # The same for every VM of this KVM (kvm_caps); asked once, on the first VM.
+        if self.kvm._xsave2_size is not None:
+            return self.kvm._xsave2_size
         size = self.check_extension(abi.KVM_CAP_XSAVE2)
         # 0 means no XSAVE2: the legacy 4096-byte struct kvm_xsave is all there is.
         return size if size > 0 else ctypes.sizeof(abi.kvm_xsave)
@@ -215,12 +235,9 @@ class Vcpu(_Fd):
         io = self.run_area.exit.io
         return self._run_map[io.data_offset: io.data_offset + io.size * io.count]
 
-    def set_cpuid(self, entries: list[CpuidEntry]) -> None:
-        buf = _cpuid2_buffer(len(entries))
-        for slot, entry in zip(buf.entries, entries):
-            (slot.function, slot.index, slot.flags, slot.eax, slot.ebx, slot.ecx,
-             slot.edx) = (entry.function, entry.index, entry.flags, entry.eax, entry.ebx,
-                          entry.ecx, entry.edx)
+    def set_cpuid(self, entries) -> None:
+        """KVM_SET_CPUID2 from CpuidEntry objects or a ready buffer (cpuid2_buffer())."""
+        buf = entries if isinstance(entries, ctypes.Structure) else cpuid2_buffer(entries)
         self.ioctl(abi.KVM_SET_CPUID2, buf)
 
     def get_regs(self) -> abi.kvm_regs:

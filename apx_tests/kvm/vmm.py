@@ -14,15 +14,17 @@ Guest-physical memory map (one slot, identity-mapped with 2 MiB pages):
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import signal
 import struct
 import threading
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from ..guests import protocol
 from . import abi
-from .system import CpuidEntry, Kvm, KvmError, Vcpu, Vm
+from .system import CpuidEntry, Kvm, KvmError, Vcpu, Vm, cpuid2_buffer
 
 MEMORY_SIZE = 4 << 20
 PML4, PDPT, PD = 0x1000, 0x2000, 0x3000
@@ -76,6 +78,11 @@ class GuestCpu:
     xcr0: int
     cpuid: tuple[CpuidEntry, ...] = field(repr=False)
 
+    @cached_property
+    def cpuid_buffer(self):
+        """The kvm_cpuid2 struct, built once: every VM of a session reuses it."""
+        return cpuid2_buffer(self.cpuid)
+
 
 def guest_cpuid(supported: list[CpuidEntry], xcr0: int) -> tuple[CpuidEntry, ...]:
     """KVM's supported CPUID with the feature bits for `xcr0` set.
@@ -114,7 +121,7 @@ class MicroVm:
             self._vm.set_tss_addr(TSS_ADDR_FOR_VMX)
             self._vm.set_memory(0, 0, self.memory)
             self.vcpu = self._vm.create_vcpu()
-            self.vcpu.set_cpuid(list(cpu.cpuid))
+            self.vcpu.set_cpuid(cpu.cpuid_buffer)
         except BaseException:
             self.close()
             raise
@@ -156,20 +163,7 @@ class MicroVm:
         self.write(PAYLOAD, code)
         self.write(MAILBOX, mailbox)
 
-        sregs = self.vcpu.get_sregs()
-        _set_segment(sregs.cs, USER_CS, code_type=0xB, dpl=3, long_mode=True)
-        for seg in (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
-            _set_segment(seg, USER_DS, code_type=0x3, dpl=3, long_mode=False)
-        sregs.tr.base, sregs.tr.limit, sregs.tr.selector = TSS, 0x67, TSS_SEL
-        sregs.tr.type, sregs.tr.present, sregs.tr.s, sregs.tr.dpl = 0xB, 1, 0, 0
-        sregs.tr.unusable = 0
-        sregs.ldt.unusable, sregs.ldt.present, sregs.ldt.type = 1, 0, 2
-        sregs.gdt.base, sregs.gdt.limit = GDT, 7 * 8 - 1
-        sregs.idt.base, sregs.idt.limit = 0, 0  # any exception triple-faults: reported as such
-        sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG
-        sregs.cr3 = PML4
-        sregs.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT | CR4_OSXSAVE
-        sregs.efer = EFER_LME | EFER_LMA
+        sregs = _long_mode_sregs(self.vcpu)
         self.vcpu.set_sregs(sregs)
         self.vcpu.set_xcr0(self.cpu.xcr0)
 
@@ -179,22 +173,25 @@ class MicroVm:
         self.vcpu.set_regs(regs)
 
     def _write_page_tables(self) -> None:
-        self.write(PML4, struct.pack("<Q", PDPT | PTE_P | PTE_RW | PTE_US))
-        self.write(PDPT, struct.pack("<Q", PD | PTE_P | PTE_RW | PTE_US))
-        pages = MEMORY_SIZE >> 21
-        self.write(PD, b"".join(struct.pack("<Q", (i << 21) | PTE_P | PTE_RW | PTE_US | PTE_PS)
-                                for i in range(pages)))
+        self.write(PML4, _PAGE_TABLES[0])
+        self.write(PDPT, _PAGE_TABLES[1])
+        self.write(PD, _PAGE_TABLES[2])
 
     def _write_gdt(self) -> None:
-        tss_low = (0x67 | ((TSS & 0xFFFFFF) << 16) | (0x89 << 40) | (((TSS >> 24) & 0xFF) << 56))
-        tss_high = TSS >> 32
-        self.write(GDT, struct.pack("<7Q", *_GDT_ENTRIES, tss_low, tss_high))
+        self.write(GDT, _GDT_BYTES)
 
     # --- running -----------------------------------------------------------------------
     def run(self, timeout: float = 5.0) -> GuestExit:
         """KVM_RUN until the guest syncs or finishes; anything else is a GuestError."""
+        try:
+            with _alarm(timeout):
+                return self._run_loop()
+        except GuestTimeout:
+            raise self._error(f"guest hung: no sync within {timeout:g} s", GuestTimeout) from None
+
+    def _run_loop(self) -> GuestExit:
         while True:
-            reason = self._run_once(timeout)
+            reason = self.vcpu.run()
             if reason == abi.KVM_EXIT_IO:
                 io = self.vcpu.run_area.exit.io
                 data = self.vcpu.io_data()
@@ -213,25 +210,6 @@ class MicroVm:
     def release(self, stage: int) -> None:
         """Let the guest past sync point `stage` (the guest spins until mailbox.go == stage)."""
         self.write(MAILBOX + protocol.OFF_GO, struct.pack("<I", stage))
-
-    def _run_once(self, timeout: float) -> int:
-        # A CPL3 spin loop never exits to us: a SIGALRM interrupts KVM_RUN (EINTR) and the
-        # handler's exception ends the wait.  Signals only reach the main thread.
-        if threading.current_thread() is not threading.main_thread():
-            return self.vcpu.run()
-
-        def on_alarm(signum, frame):
-            raise GuestTimeout("timeout")
-
-        previous = signal.signal(signal.SIGALRM, on_alarm)
-        signal.setitimer(signal.ITIMER_REAL, timeout)
-        try:
-            return self.vcpu.run()
-        except GuestTimeout:
-            raise self._error(f"guest hung: no sync within {timeout:g} s", GuestTimeout) from None
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
 
     def _describe_exit(self, reason: int) -> str:
         name = abi.EXIT_REASON_NAMES.get(reason, str(reason))
@@ -266,11 +244,76 @@ class MicroVm:
         self.vcpu.set_regs(state.regs)
 
 
+@contextlib.contextmanager
+def _alarm(timeout: float):
+    """Bound a KVM_RUN: a CPL3 spin loop never exits to us, so SIGALRM interrupts the ioctl
+    (EINTR) and the handler's exception ends the wait.  Signals only reach the main thread;
+    elsewhere the run is unbounded (yields False)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield False
+        return
+
+    def on_alarm(signum, frame):
+        raise GuestTimeout("timeout")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, timeout)
+    try:
+        yield True
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+_SREGS_TEMPLATE: dict = {}
+
+
+def _long_mode_sregs(vcpu: Vcpu) -> abi.kvm_sregs:
+    """Special registers for 64-bit mode at CPL3.  Built once from a fresh vCPU's
+    KVM_GET_SREGS (every new vCPU 0 starts the same) and copied for each VM."""
+    template = _SREGS_TEMPLATE.get("cpl3")
+    if template is None:
+        sregs = vcpu.get_sregs()
+        _set_segment(sregs.cs, USER_CS, code_type=0xB, dpl=3, long_mode=True)
+        for seg in (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
+            _set_segment(seg, USER_DS, code_type=0x3, dpl=3, long_mode=False)
+        sregs.tr.base, sregs.tr.limit, sregs.tr.selector = TSS, 0x67, TSS_SEL
+        sregs.tr.type, sregs.tr.present, sregs.tr.s, sregs.tr.dpl = 0xB, 1, 0, 0
+        sregs.tr.unusable = 0
+        sregs.ldt.unusable, sregs.ldt.present, sregs.ldt.type = 1, 0, 2
+        sregs.gdt.base, sregs.gdt.limit = GDT, 7 * 8 - 1
+        sregs.idt.base, sregs.idt.limit = 0, 0  # any exception triple-faults: reported as such
+        sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG
+        sregs.cr3 = PML4
+        sregs.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT | CR4_OSXSAVE
+        sregs.efer = EFER_LME | EFER_LMA
+        template = _SREGS_TEMPLATE["cpl3"] = bytes(sregs)
+    return abi.kvm_sregs.from_buffer_copy(template)
+
+
+def _page_tables() -> tuple[bytes, bytes, bytes]:
+    pml4 = struct.pack("<Q", PDPT | PTE_P | PTE_RW | PTE_US)
+    pdpt = struct.pack("<Q", PD | PTE_P | PTE_RW | PTE_US)
+    pd = b"".join(struct.pack("<Q", (i << 21) | PTE_P | PTE_RW | PTE_US | PTE_PS)
+                  for i in range(MEMORY_SIZE >> 21))
+    return pml4, pdpt, pd
+
+
+def _gdt() -> bytes:
+    tss_low = (0x67 | ((TSS & 0xFFFFFF) << 16) | (0x89 << 40) | (((TSS >> 24) & 0xFF) << 56))
+    tss_high = TSS >> 32
+    return struct.pack("<7Q", *_GDT_ENTRIES, tss_low, tss_high)
+
+
 def _set_segment(seg: abi.kvm_segment, selector: int, *, code_type: int, dpl: int,
                  long_mode: bool) -> None:
     seg.base, seg.limit, seg.selector, seg.type = 0, 0xFFFFFFFF, selector, code_type
     seg.present, seg.dpl, seg.s, seg.g, seg.avl, seg.unusable = 1, dpl, 1, 1, 0, 0
     seg.l, seg.db = (1, 0) if long_mode else (0, 1)
+
+
+_PAGE_TABLES = _page_tables()
+_GDT_BYTES = _gdt()
 
 
 def xcr0_of(state: VcpuState) -> int:

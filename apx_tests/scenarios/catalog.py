@@ -65,8 +65,7 @@ def import_(run: Run) -> None:
     session, _ = _loaded_session(run)
     image = session.export()
     wanted = run.pattern(IMPORTED)
-    for name, value in wanted.items():
-        image.write(name, value)
+    image.write_registers(wanted)
     session.import_image(run.before_import(image))
     guest_verify(run, session, wanted, what="after import")
 
@@ -104,9 +103,7 @@ def init_state(run: Run) -> None:
     is in its init state and the guest must read init values, not the garbage."""
     session, _ = _loaded_session(run)
     image = session.export()
-    garbage = run.pattern(GARBAGE)
-    for name, value in garbage.items():
-        image.write(name, value)
+    image.write_registers(run.pattern(GARBAGE))
     if 0 in run.bank.components:
         # Tag every x87 register valid, else a VMM that ignored XSTATE_BV would still show
         # empty registers and the guest's fstpt would store "indefinite" either way.

@@ -13,6 +13,7 @@ the guest payloads load and store registers contiguously in exactly this order.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from .errors import UnknownRegister
 from .layout import APX, AVX, HI16_ZMM, OPMASK, PKRU, SSE, X87, ZMM_HI256
@@ -98,15 +99,20 @@ class Bank:
     pattern_id: int = 0
     side_effects: tuple[tuple[int, int], ...] = field(default=())
 
-    @property
+    # Derived once: scenarios read these several times per run (see ci/bench).
+    @cached_property
     def names(self) -> tuple[str, ...]:
         return tuple(r.name for r in self.registers)
 
-    @property
+    @cached_property
+    def _name_set(self) -> frozenset[str]:
+        return frozenset(self.names)
+
+    @cached_property
     def size(self) -> int:
         return sum(r.width for r in self.registers)
 
-    @property
+    @cached_property
     def xstate_mask(self) -> int:
         mask = 0
         for c in self.components:
@@ -130,9 +136,9 @@ class Bank:
 
     def pack(self, values: dict[str, bytes]) -> bytes:
         """Register values concatenated in bank order (the guest payload's layout)."""
-        unknown = [n for n in values if n not in self.names]
-        missing = [n for n in self.names if n not in values]
-        if unknown or missing:
+        if values.keys() != self._name_set:
+            unknown = [n for n in values if n not in self._name_set]
+            missing = [n for n in self.names if n not in values]
             raise ValueError(f"bank {self.name}: pack needs exactly {self.names[0]}..{self.names[-1]}; "
                              f"missing {missing}, unknown {unknown}")
         out = bytearray()
@@ -175,12 +181,22 @@ class Bank:
         (a swap or a stale value shows).  Some banks then patch bytes so the
         value is legal for the instruction that loads it (see ``_make_legal``).
         """
+        key = (stage, salt)
+        if key not in self._patterns:
+            self._patterns[key] = self._make_pattern(stage, salt)
+        return dict(self._patterns[key])
+
+    @cached_property
+    def _patterns(self) -> dict[tuple[int, int], tuple[tuple[str, bytes], ...]]:
+        return {}
+
+    def _make_pattern(self, stage: int, salt: int) -> tuple[tuple[str, bytes], ...]:
         base = salt * 0x3B + stage * 0x61 + self.pattern_id * 0x0B
-        out = {}
+        out = []
         for r in self.registers:
             raw = bytearray(1 + ((base + r.index * 0x1D + b * 0x07) % 255) for b in range(r.width))
-            out[r.name] = bytes(_make_legal(self.name, raw))
-        return out
+            out.append((r.name, bytes(_make_legal(self.name, raw))))
+        return tuple(out)
 
 
 def _make_legal(bank: str, value: bytearray) -> bytearray:

@@ -265,8 +265,22 @@ class XsaveImage:
         return {n: self.read(n) for n in names}
 
     def write_registers(self, values: Mapping[str, bytes]) -> None:
+        """Write many registers; each touched component is checked and made live once
+        (a whole bank is written per scenario step, so this is the hot path)."""
+        writes = []
+        offsets: dict[int, int] = {}
         for name, value in values.items():
-            self.write(name, value)
+            reg = name if isinstance(name, Register) else register(name)
+            for slot, _, chunk in reg.pieces(bytes(value)):  # checks the width
+                if slot.component not in offsets:
+                    offsets[slot.component] = self._span(slot.component)[1]
+                writes.append((slot, chunk))
+        for number in offsets:
+            self._make_live(self.layout.components[number])
+        data = self._data
+        for slot, chunk in writes:
+            start = offsets[slot.component] + slot.offset
+            data[start:start + slot.size] = chunk
 
     # ---- whole image ----------------------------------------------------------
 

@@ -203,6 +203,8 @@ class Layout:
 
     def component(self, n_or_name: int | str) -> Component:
         """A component by number or by name (``19`` or ``"apx"``)."""
+        if n_or_name in self.components:  # by number: the common case, a dict lookup
+            return self.components[n_or_name]
         for c in self.components.values():
             if c.number == n_or_name or c.name == n_or_name:
                 return c
@@ -210,6 +212,8 @@ class Layout:
         raise UnknownComponent(self.where, f"component {n_or_name!r} is not described by the layout (has {known})")
 
     def has(self, n_or_name: int | str) -> bool:
+        if n_or_name in self.components:
+            return True
         return any(c.number == n_or_name or c.name == n_or_name for c in self.components.values())
 
     def user_components(self) -> list[Component]:
