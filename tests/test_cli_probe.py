@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from hostfacts import read_cpuinfo
 
 from apx_tests import hostcpu
 from apx_tests.cli import main
@@ -34,19 +35,10 @@ def probe_text():
     return proc.stdout.splitlines()
 
 
-def _cpuinfo():
-    fields = {}
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if not line.strip():
-                break
-            key, _, value = line.partition(":")
-            fields[key.strip()] = value.strip()
-    return fields
 
 
 def test_json_cpu_matches_proc_cpuinfo(probe_json):
-    info = _cpuinfo()
+    info = read_cpuinfo()
     cpu = probe_json["cpu"]
     assert cpu["vendor"] == info["vendor_id"]
     assert [cpu["family"], cpu["model"], cpu["stepping"]] == [
@@ -64,7 +56,7 @@ def test_text_is_one_fact_per_line(probe_text, probe_json):
     assert all(":" in line for line in probe_text)
     keys = [line.split(":", 1)[0] for line in probe_text]
     assert len(keys) == len(set(keys)), "a fact printed twice"
-    info = _cpuinfo()
+    info = read_cpuinfo()
     assert probe_text[0].startswith(f"cpu: {info['vendor_id']} family {info['cpu family']} "
                                     f"model {info['model']} stepping {info['stepping']}")
     assert f"host XCR0: {hostcpu.xgetbv(0):#x}" in probe_text

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 
 import pytest
+from hostfacts import read_cpuinfo
 
 from apx_tests import hostcpu
 
@@ -79,26 +80,17 @@ def test_xgetbv_agrees_with_c_program(c_facts):
     assert xgetbv[0] & 0b11 == 0b11  # x87 and SSE are always enabled when XSAVE is
 
 
-def _cpuinfo():
-    fields = {}
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if not line.strip():
-                break
-            key, _, value = line.partition(":")
-            fields[key.strip()] = value.strip()
-    return fields
 
 
-def test_vendor_family_model_stepping_match_proc_cpuinfo():
-    info = _cpuinfo()
+def test_vendor_family_model_stepping_match_procread_cpuinfo():
+    info = read_cpuinfo()
     assert hostcpu.vendor() == info["vendor_id"]
     family, model, stepping = hostcpu.family_model_stepping()
     assert (family, model, stepping) == (int(info["cpu family"]), int(info["model"]), int(info["stepping"]))
 
 
-def test_microcode_matches_proc_cpuinfo():
-    info = _cpuinfo()
+def test_microcode_matches_procread_cpuinfo():
+    info = read_cpuinfo()
     if "microcode" not in info:
         assert hostcpu.microcode() is None
     else:
@@ -114,13 +106,13 @@ FLAGS = {
 
 @pytest.mark.parametrize("flag", sorted(FLAGS))
 def test_feature_bits_match_proc_cpuinfo_flags(flag):
-    flags = set(_cpuinfo()["flags"].split())
+    flags = set(read_cpuinfo()["flags"].split())
     leaf, sub, reg, bit = FLAGS[flag]
     assert bool(hostcpu.cpuid(leaf, sub)[reg] >> bit & 1) == (flag in flags)
 
 
 def test_xcr0_consistent_with_kernel_flags():
-    flags = set(_cpuinfo()["flags"].split())
+    flags = set(read_cpuinfo()["flags"].split())
     if "xsave" not in flags:
         pytest.skip("no xsave flag")
     xcr0 = hostcpu.xgetbv(0)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+from hostfacts import read_cpuinfo
 
 from apx_tests import hostcpu, probe as probe_mod
 from apx_tests.probe import CpuFacts, KvmFacts
@@ -22,21 +23,12 @@ def result():
     return probe_mod.probe()
 
 
-def _cpuinfo():
-    fields = {}
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if not line.strip():
-                break
-            key, _, value = line.partition(":")
-            fields[key.strip()] = value.strip()
-    return fields
 
 
 # --- CPU ------------------------------------------------------------------------------
 
 def test_cpu_matches_proc_cpuinfo(result):
-    info = _cpuinfo()
+    info = read_cpuinfo()
     cpu = result.cpu
     assert cpu.error is None
     assert cpu.vendor == info["vendor_id"]

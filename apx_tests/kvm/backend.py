@@ -121,28 +121,27 @@ class KvmSession(Session):
 
     # --- guest control ----------------------------------------------------------------
     def run_to(self, stage: int) -> None:
-        if self.stage is not None:
-            self.vm.release(self.stage)
-        try:
-            event = self.vm.run(self.owner.timeout)
-        except GuestError as exc:
-            raise BackendError(f"kvm {self.bank.name}: {exc}") from None
+        event = self._resume()
         if event.kind != "sync" or event.value != stage:
             raise BackendError(f"kvm {self.bank.name}: expected sync {stage}, guest sent "
                                f"{event.kind} {event.value} (after stage {self.stage})")
         self.stage = stage
 
     def finish(self) -> int:
-        if self.stage is not None:
-            self.vm.release(self.stage)
-        try:
-            event = self.vm.run(self.owner.timeout)
-        except GuestError as exc:
-            raise BackendError(f"kvm {self.bank.name}: {exc}") from None
+        event = self._resume()
         if event.kind != "done":
             raise BackendError(f"kvm {self.bank.name}: expected the guest to finish, it sent "
                                f"{event.kind} {event.value}")
         return event.value
+
+    def _resume(self):
+        """Release the stage the guest waits at and run it to its next exit."""
+        if self.stage is not None:
+            self.vm.release(self.stage)
+        try:
+            return self.vm.run(self.owner.timeout)
+        except GuestError as exc:
+            raise BackendError(f"kvm {self.bank.name}: {exc}") from None
 
     # --- state ------------------------------------------------------------------------
     def export(self) -> XsaveImage:
