@@ -26,6 +26,7 @@ See docs/migration.md.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
 from array import array
@@ -105,39 +106,47 @@ class MigrationStreamError(ValueError):
 
 
 class _Reader:
-    """Sequential big-endian reads with one-line errors naming the offset."""
+    """Sequential big-endian reads over a read-only mmap of the file, with
+    one-line errors naming the offset.  Pages the walk skips are never touched."""
 
-    def __init__(self, path: str, fh, size: int):
+    def __init__(self, path: str, data, size: int):
         self.path = path
-        self.fh = fh
+        self.data = data  # mmap (or bytes)
         self.size = size
+        self.pos = 0
 
     def tell(self) -> int:
-        return self.fh.tell()
+        return self.pos
 
     def seek(self, offset: int) -> None:
-        self.fh.seek(offset)
+        self.pos = offset
 
     def error(self, problem: str, offset: int | None = None) -> MigrationStreamError:
-        return MigrationStreamError(self.path, self.tell() if offset is None else offset, problem)
+        return MigrationStreamError(self.path, self.pos if offset is None else offset, problem)
+
+    def _short(self, n: int, what: str) -> MigrationStreamError:
+        got = max(0, self.size - self.pos)
+        return MigrationStreamError(
+            self.path, self.pos, f"file ends after {got} of the {n} bytes of {what} (file is {self.size} bytes)")
 
     def read(self, n: int, what: str) -> bytes:
-        at = self.tell()
-        data = self.fh.read(n)
-        if len(data) != n:
-            raise MigrationStreamError(
-                self.path, at, f"file ends after {len(data)} of the {n} bytes of {what} (file is {self.size} bytes)")
+        end = self.pos + n
+        if end > self.size:
+            raise self._short(n, what)
+        data = self.data[self.pos:end]
+        self.pos = end
         return data
 
     def skip(self, n: int, what: str) -> None:
-        at = self.tell()
-        if at + n > self.size:
-            raise MigrationStreamError(
-                self.path, at, f"file ends after {self.size - at} of the {n} bytes of {what} (file is {self.size} bytes)")
-        self.fh.seek(at + n)
+        if self.pos + n > self.size:
+            raise self._short(n, what)
+        self.pos += n
 
     def u8(self, what: str) -> int:
-        return self.read(1, what)[0]
+        if self.pos >= self.size:
+            raise self._short(1, what)
+        self.pos += 1
+        return self.data[self.pos - 1]
 
     def be16(self, what: str) -> int:
         return int.from_bytes(self.read(2, what), "big")
@@ -150,13 +159,12 @@ class _Reader:
 
     def str8(self, what: str) -> str:
         """A u8 length and that many bytes (QEMU's idstr encoding)."""
-        at = self.tell()
+        at = self.pos
         n = self.u8(f"length of {what}")
         raw = self.read(n, what)
-        try:
-            return raw.decode("ascii")
-        except UnicodeDecodeError:
-            raise MigrationStreamError(self.path, at, f"{what} is not ASCII: {raw[:32]!r}") from None
+        if not all(0x20 <= b < 0x7F for b in raw):
+            raise MigrationStreamError(self.path, at, f"{what} is not printable ASCII: {raw[:32]!r}")
+        return raw.decode("ascii")
 
 
 # ---------------------------------------------------------------------------
@@ -220,6 +228,7 @@ class Section:
     start: int
     end: int = 0
     desc: dict | None = None
+    parts: list = field(default_factory=list)  # (start, end) of each START/PART/END/FULL chunk
     fields: dict = field(default_factory=dict)
     subsections: dict = field(default_factory=dict)
     leaves: dict = field(default_factory=dict)
@@ -231,22 +240,47 @@ class Section:
 
 @dataclass
 class RamBlock:
-    """A RAM block announced in the RAM section: its pages' file offsets.
+    """A RAM block announced in the RAM section, and where its pages are.
 
-    ``pages[i]`` is the file offset of page i's data, ``PAGE_ZERO`` for a
-    page sent as zero, ``PAGE_NOT_SENT`` for a page never sent (reads as
-    zero).  A page sent twice keeps its last copy, as a loading QEMU would.
+    ``page(i)`` is the file offset of page i's data, ``PAGE_ZERO`` for a page
+    sent as zero, ``PAGE_NOT_SENT`` for a page never sent (reads as zero).  A
+    page sent twice keeps its last copy, as a loading QEMU would.  The index
+    costs 8 bytes per page up to the highest page sent (nothing is allocated
+    up front, so a corrupt block length costs nothing).
     """
 
     name: str
     length: int
     page_size: int
-    pages: array
+    pages: array = field(default_factory=lambda: array("q"))
+
+    @property
+    def page_total(self) -> int:
+        return -(-self.length // self.page_size)
+
+    def page(self, index: int) -> int:
+        if not 0 <= index < self.page_total:
+            raise IndexError(f"RAM block {self.name} has {self.page_total} pages, no page {index}")
+        return self.pages[index] if index < len(self.pages) else PAGE_NOT_SENT
+
+    def _set(self, index: int, value: int) -> None:
+        pages = self.pages
+        if index < len(pages):
+            pages[index] = value
+            return
+        if index > len(pages):
+            pages.extend([PAGE_NOT_SENT] * (index - len(pages)))
+        pages.append(value)
 
     def page_count(self, kind: str = "data") -> int:
+        """How many pages are ``"data"`` (sent with contents), ``"zero"`` or ``"unsent"``."""
         if kind == "data":
             return sum(1 for p in self.pages if p >= 0)
-        return sum(1 for p in self.pages if p == (PAGE_ZERO if kind == "zero" else PAGE_NOT_SENT))
+        if kind == "zero":
+            return self.pages.count(PAGE_ZERO)
+        if kind == "unsent":
+            return self.pages.count(PAGE_NOT_SENT) + self.page_total - len(self.pages)
+        raise ValueError(f"kind must be 'data', 'zero' or 'unsent', not {kind!r}")
 
 
 # ---------------------------------------------------------------------------
@@ -725,6 +759,7 @@ class MigrationStream:
         self.ram_blocks: dict[str, RamBlock] = {}
         self.configuration: dict = {}
         self.commands: list[tuple[int, int]] = []  # (offset, command)
+        self._ram_last_block: RamBlock | None = None
 
     # ---- opening -------------------------------------------------------------
 
@@ -740,49 +775,50 @@ class MigrationStream:
             raise MigrationStreamError(self.path, 0, f"cannot open: {err.strerror or err}") from None
         with fh:
             self.size = os.fstat(fh.fileno()).st_size
-            r = _Reader(self.path, fh, self.size)
             if self.size == 0:
                 raise MigrationStreamError(self.path, 0, "empty file; expected the magic 'QEVM'")
-            magic = r.read(4, "the magic 'QEVM'")
-            if int.from_bytes(magic, "big") != FILE_MAGIC:
-                raise MigrationStreamError(self.path, 0, f"expected the magic 'QEVM' (51 45 56 4d), found {magic.hex(' ')}")
-            self.version = r.be32("the stream version")
-            if self.version != FILE_VERSION:
-                raise MigrationStreamError(self.path, 4, f"expected stream version {FILE_VERSION}, found {self.version}")
-            if vmdesc is None:
-                self.vmdesc_offset, self.vmdesc = self._read_vmdesc(r)
-            else:
-                self.vmdesc_offset = -1
-                self.vmdesc = self._parse_vmdesc_json(vmdesc, 0, "the VM description given to open()")
-            self._index_vmdesc()
-            r.seek(8)
-            self._walk(r)
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                self._parse(_Reader(self.path, mm, self.size), vmdesc)
         return self
+
+    def _parse(self, r: _Reader, vmdesc) -> None:
+        magic = r.read(4, "the magic 'QEVM'")
+        if int.from_bytes(magic, "big") != FILE_MAGIC:
+            raise MigrationStreamError(self.path, 0, f"expected the magic 'QEVM' (51 45 56 4d), found {magic.hex(' ')}")
+        self.version = r.be32("the stream version")
+        if self.version != FILE_VERSION:
+            raise MigrationStreamError(self.path, 4, f"expected stream version {FILE_VERSION}, found {self.version}")
+        if vmdesc is None:
+            self.vmdesc_offset, self.vmdesc = self._read_vmdesc(r)
+        else:
+            self.vmdesc_offset = -1
+            self.vmdesc = self._parse_vmdesc_json(vmdesc, None, "the VM description given to open()")
+        self._index_vmdesc()
+        r.seek(8)
+        self._walk(r)
 
     # ---- vmdesc -----------------------------------------------------------
 
     def _read_vmdesc(self, r: _Reader) -> tuple[int, dict]:
         """Find 0x06 + be32 length + JSON ending exactly at end of file."""
         end = self.size
-        tail_len = min(end, _VMDESC_TAIL_LIMIT)
-        r.seek(end - tail_len)
-        tail = r.fh.read(tail_len)
-        base = end - tail_len
+        low = max(0, end - _VMDESC_TAIL_LIMIT)
         # JSON never contains a raw 0x06 byte, so the marker is the last 0x06
         # in the file or one of the (at most 4) inside its length field.
-        pos = len(tail)
+        pos = end
         for _ in range(5):
-            pos = tail.rfind(bytes([VMDESCRIPTION]), 0, pos)
+            pos = r.data.rfind(bytes([VMDESCRIPTION]), low, pos)
             if pos < 0:
                 break
-            if pos + 5 <= len(tail) and pos + 5 + int.from_bytes(tail[pos + 1:pos + 5], "big") == len(tail):
-                return base + pos, self._parse_vmdesc_json(tail[pos + 5:], base + pos + 5, "the VM description")
+            if pos + 5 <= end and pos + 5 + int.from_bytes(r.data[pos + 1:pos + 5], "big") == end:
+                return pos, self._parse_vmdesc_json(r.data[pos + 5:end], pos + 5, "the VM description")
         raise MigrationStreamError(
             self.path, end,
             "no VM description at the end of the file (expected byte 0x06, a be32 length and that much JSON, "
             "ending at end of file): the file is truncated, or QEMU wrote no vmdesc")
 
-    def _parse_vmdesc_json(self, data, offset: int, what: str) -> dict:
+    def _parse_vmdesc_json(self, data, offset: int | None, what: str) -> dict:
+        """``offset``: where the JSON starts in the file (None: not from the file)."""
         if isinstance(data, dict):
             desc = data
         else:
@@ -790,17 +826,20 @@ class MigrationStream:
                 try:
                     text = bytes(data).decode("utf-8")
                 except UnicodeDecodeError as err:
-                    raise MigrationStreamError(self.path, offset + err.start, f"{what} is not UTF-8") from None
+                    raise MigrationStreamError(self.path, (offset or 0) + err.start, f"{what} is not UTF-8") from None
             else:
                 text = str(data)
             try:
                 desc = json.loads(text)
             except json.JSONDecodeError as err:
-                # err.pos counts characters; the JSON is ASCII in practice.
+                where = f"line {err.lineno} column {err.colno}"
+                if offset is None:  # not from the file: no file offset to name
+                    raise MigrationStreamError(self.path, 0, f"{what} is not valid JSON: {err.msg} ({where})") from None
+                # err.pos counts characters; QEMU's JSON is ASCII, so characters are bytes.
                 raise MigrationStreamError(self.path, offset + err.pos,
-                                           f"{what} is not valid JSON: {err.msg} (line {err.lineno} column {err.colno})") from None
+                                           f"{what} is not valid JSON: {err.msg} ({where})") from None
         if not isinstance(desc, dict) or not isinstance(desc.get("devices"), list):
-            raise MigrationStreamError(self.path, offset, f"{what} has no 'devices' list")
+            raise MigrationStreamError(self.path, offset or 0, f"{what} has no 'devices' list")
         return desc
 
     def _index_vmdesc(self) -> None:
@@ -844,6 +883,7 @@ class MigrationStream:
                 current = sec
                 self._read_section_body(r, sec, first=True)
                 sec.end = r.tell()
+                sec.parts.append((at, sec.end))
             elif kind in (SECTION_PART, SECTION_END):
                 sid = r.be32("a section id")
                 sec = by_id.get(sid)
@@ -852,12 +892,15 @@ class MigrationStream:
                 current = sec
                 self._read_section_body(r, sec, first=False)
                 sec.end = r.tell()
+                sec.parts.append((at, sec.end))
             elif kind == SECTION_FOOTER:
                 sid = r.be32("the section id of a footer")
                 if current is None or sid != current.section_id:
                     expected = "no section is open" if current is None else f"expected {current.section_id} ({current.name})"
                     raise r.error(f"section footer names section id {sid}; {expected}", at)
                 current.end = r.tell()
+                if current.parts:
+                    current.parts[-1] = (current.parts[-1][0], current.end)
             elif kind == COMMAND:
                 cmd = r.be16("a command number")
                 length = r.be16("a command length")
@@ -982,12 +1025,30 @@ class MigrationStream:
         if "mapped-ram" in caps:
             raise r.error("the stream uses the mapped-ram capability; this reader knows the sequential format",
                           sec.start)
-        block: RamBlock | None = None
+        # The block of the previous page: a CONTINUE record may refer to it
+        # across PART/END boundaries (QEMU keeps last_sent_block across iterations).
+        block: RamBlock | None = self._ram_last_block
+        data, size, mask = r.data, r.size, ps - 1
+        zero_cont, page_cont = RAM_ZERO | RAM_CONTINUE, RAM_PAGE | RAM_CONTINUE
         while True:
-            at = r.tell()
-            word = r.be64("a RAM page header (address | flags)")
-            flags = word & (ps - 1)
-            addr = word & ~(ps - 1)
+            at = r.pos
+            if at + 8 <= size:
+                word = int.from_bytes(data[at:at + 8], "big")
+                r.pos = at + 8
+            else:
+                word = r.be64("a RAM page header (address | flags)")
+            flags = word & mask
+            addr = word & ~mask
+            # Fast paths: the bulk of a stream is pages of the block just named.
+            if block is not None and addr < block.length:
+                if flags == zero_cont and r.pos < size:
+                    r.pos += 1
+                    block._set(addr // ps, PAGE_ZERO)
+                    continue
+                if flags == page_cont and r.pos + ps <= size:
+                    block._set(addr // ps, r.pos)
+                    r.pos += ps
+                    continue
             if flags & RAM_MEM_SIZE:
                 total = addr
                 while total > 0:
@@ -999,8 +1060,7 @@ class MigrationStream:
                     total -= length
                     if "x-ignore-shared" in caps:
                         r.be64(f"the mr address of RAM block {name}")
-                    pages = array("q", [PAGE_NOT_SENT]) * (-(-length // ps))
-                    self.ram_blocks[name] = RamBlock(name, length, ps, pages)
+                    self.ram_blocks[name] = RamBlock(name, length, ps)
                 flags &= ~RAM_MEM_SIZE
             if flags & (RAM_ZERO | RAM_PAGE):
                 if flags & RAM_CONTINUE:
@@ -1015,10 +1075,10 @@ class MigrationStream:
                     raise r.error(f"RAM page at {addr:#x} is beyond block {block.name} ({block.length:#x} bytes)", at)
                 if flags & RAM_ZERO:
                     r.u8("the fill byte of a zero page")
-                    block.pages[addr // ps] = PAGE_ZERO
+                    block._set(addr // ps, PAGE_ZERO)
                 else:
-                    block.pages[addr // ps] = r.tell()
                     r.skip(ps, f"page {addr:#x} of RAM block {block.name}")
+                    block._set(addr // ps, r.pos - ps)
                 flags &= ~(RAM_ZERO | RAM_PAGE | RAM_CONTINUE)
             if flags & (RAM_XBZRLE | RAM_HOOK | RAM_COMPRESS_PAGE):
                 raise r.error(f"RAM record with flags {flags:#x} (XBZRLE/hook/compressed pages are not supported)", at)
@@ -1030,6 +1090,7 @@ class MigrationStream:
                 flags &= ~RAM_EOS
                 if flags:
                     raise r.error(f"unknown RAM flags {flags:#x}", at)
+                self._ram_last_block = block
                 return
             if flags:
                 raise r.error(f"unknown RAM flags {flags:#x}", at)
@@ -1057,7 +1118,7 @@ class MigrationStream:
             while pos < offset + size:
                 page, within = divmod(pos, ps)
                 n = min(ps - within, offset + size - pos)
-                where = blk.pages[page]
+                where = blk.page(page)
                 if where >= 0:
                     fh.seek(where + within)
                     chunk = fh.read(n)
