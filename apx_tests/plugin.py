@@ -20,6 +20,7 @@ import pytest
 from .backend import BackendError
 from .guests.build import GuestBuildError, build_payload
 from .probe import BANK_ORDER, Probe, probe
+from .qemu.backend import FEATURES as QEMU_FEATURES
 from .scenarios import SCENARIOS, Run, ScenarioFailure
 from .xsave import BANKS
 
@@ -29,6 +30,9 @@ MARKER = "apx: scenarios over XSAVE register banks (APX R16-R31 and the stand-in
 
 _probe_key = pytest.StashKey[Probe]()
 _configs: list[pytest.Config] = []  # a stack: pytester runs sessions inside a session
+
+# --- remote hosts (--apx-host, fleets): their own plugin module, docs/remote.md ---------------
+pytest_plugins = ["apx_tests.remote.pytest_remote"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -176,7 +180,7 @@ class ScenarioCase:
 
 def scenario_cases(config: pytest.Config) -> list[ScenarioCase]:
     cases = []
-    for backend in apx_backends(config):
+    for backend in (b for choice in apx_backends(config) for b in BACKEND_GROUPS.get(choice, (choice,))):
         if backend not in BACKEND_FACTORIES:
             continue
         for bank in BANK_ORDER:
@@ -191,9 +195,19 @@ def _kvm_backend(config: pytest.Config):
     return KvmBackend(KvmHost())
 
 
+def _qemu_backend(accel: str):
+    def factory(config: pytest.Config):
+        from .qemu.backend import QemuBackend
+        return QemuBackend(accel, qemu=apx_qemu(config))  # QemuUnavailable is an OSError: a skip
+    return factory
+
+
 # Backends that can run scenarios so far, and the Session features each offers.
-BACKEND_FACTORIES = {"kvm": _kvm_backend}
-BACKEND_FEATURES = {"kvm": frozenset({"raw_xsave", "legacy_get_xsave", "fresh_vm", "set_xcr0"})}
+# A --apx-backend choice may stand for several backends (qemu: QEMU with KVM and with TCG).
+BACKEND_GROUPS = {"qemu": ("qemu-kvm", "qemu-tcg")}
+BACKEND_FACTORIES = {"kvm": _kvm_backend, "qemu-kvm": _qemu_backend("kvm"), "qemu-tcg": _qemu_backend("tcg")}
+BACKEND_FEATURES = {"kvm": frozenset({"raw_xsave", "legacy_get_xsave", "fresh_vm", "set_xcr0", "xstate_bv_init"}),
+                    "qemu-kvm": QEMU_FEATURES["kvm"], "qemu-tcg": QEMU_FEATURES["tcg"]}
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -47,13 +47,13 @@ def test_case_ids_cover_banks_and_scenarios(pytester):
 def test_richest_bank_passes_every_scenario(pytester, kvm_backend):
     bank = next(b for b in ("hi16_zmm", "ymm", "xmm") if _runnable(kvm_backend, b))
     pytester.makepyfile(SUITE)
-    result = pytester.runpytest_inprocess("-m", "apx", "-k", f"kvm-{bank}-", "-q")
+    result = pytester.runpytest_inprocess("-m", "apx", "--apx-backend", "kvm", "-k", f"kvm-{bank}-", "-q")
     result.assert_outcomes(passed=sum(s.applies_to(bank) for s in SCENARIOS.values()))
 
 
 def test_apx_skips_here_and_fails_with_apx_require(pytester, kvm_backend):
     pytester.makepyfile(SUITE)
-    args = ("-m", "apx", "-k", "kvm-apx-import", "-ra")
+    args = ("-m", "apx", "--apx-backend", "kvm", "-k", "kvm-apx-import", "-ra")
     if _runnable(kvm_backend, "apx"):  # an APX host: the real case must pass either way
         pytester.runpytest_inprocess(*args).assert_outcomes(passed=1)
         pytester.runpytest_inprocess(*args, "--apx-require").assert_outcomes(passed=1)
@@ -71,5 +71,6 @@ def test_unavailable_stand_in_bank_skips_even_in_lab_mode(pytester, kvm_backend)
     if not missing:
         pytest.skip("this host runs every stand-in bank")
     pytester.makepyfile(SUITE)
-    result = pytester.runpytest_inprocess("-m", "apx", "-k", f"kvm-{missing[0]}-export", "--apx-require")
+    result = pytester.runpytest_inprocess("-m", "apx", "--apx-backend", "kvm", "-k", f"kvm-{missing[0]}-export",
+                                          "--apx-require")
     result.assert_outcomes(skipped=1)

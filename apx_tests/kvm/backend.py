@@ -98,7 +98,7 @@ class KvmBackend(Backend):
 
 class KvmSession(Session):
     backend = "kvm"
-    features = frozenset({"raw_xsave", "legacy_get_xsave", "fresh_vm", "set_xcr0"})
+    features = frozenset({"raw_xsave", "legacy_get_xsave", "fresh_vm", "set_xcr0", "xstate_bv_init"})
 
     def __init__(self, owner: KvmBackend, bank: Bank, vm: MicroVm, stage: int | None):
         super().__init__()

@@ -194,7 +194,10 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("import", import_, "host edits the image; import; the guest sees the edit"),
     Scenario("round_trip", round_trip, "export -> import -> export is identical"),
     Scenario("fresh_vm", fresh_vm, "restore into a fresh VM; the guest continues"),
-    Scenario("init_state", init_state, "XSTATE_BV bit clear + garbage: the guest reads init values"),
+    # Needs a VMM that loads XSTATE_BV's init rule into the vCPU (KVM_SET_XSAVE does);
+    # QEMU TCG keeps its own register copies and ignores env.xstate_bv (docs/qemu.md).
+    Scenario("init_state", init_state, "XSTATE_BV bit clear + garbage: the guest reads init values",
+             frozenset({"xstate_bv_init"})),
     Scenario("xcr0_cycle", xcr0_cycle, "XCR0 drops the bank's bit and regains it; values survive",
              frozenset({"set_xcr0"}), frozenset({"apx"})),
     Scenario("negative", negative, "invalid imports return EINVAL and lose nothing",

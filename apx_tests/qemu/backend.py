@@ -1,0 +1,569 @@
+"""The QEMU backend: a multiboot guest in qemu-system-x86_64 (KVM or TCG) behind the
+backend-neutral Session interface (apx_tests.backend).
+
+    backend = QemuBackend("tcg")                 # or "kvm"; qemu= a binary path
+    backend.unavailable_reason(BANKS["ymm"])     # None, or why not (one line)
+    with backend.start(bank, payload) as s:      # QemuSession
+        s.run_to(0); s.export(); ...
+
+How each Session operation maps onto QEMU (docs/qemu.md has the why):
+
+  start        build the boot image (guests/boot/multiboot.S + the bank's payload, the
+               same bytes the KVM micro-VMM runs), boot a Machine with the mailbox
+               preloaded into guest RAM (go = GO_HOLD: the guest waits at stage 0)
+  run_to(n)    write mailbox.go = previous stage into guest RAM (a shared mapping: no
+               QEMU call), wait for the sync character on isa-debugcon
+  export       QMP stop + migrate to file + cont; MigrationStream -> XsaveImage with
+               the guest's own XSAVE layout (CPUID leaf 0xD as the boot stub read it)
+  import_image the bank's registers of the image (raw bytes) and its XSTATE_BV bits for
+               the bank's components are patched into a copy of the current stream,
+               which a fresh QEMU restores (-incoming file:); the session moves there
+  snapshot     a migration file; restore(snapshot) = a fresh QEMU from it
+  read/write_area  the shared guest-RAM mapping (pmemsave and the gdbstub also work,
+               see Machine.pmemsave and the "gdb" view)
+  finish       release stage 2; the status from isa-debug-exit's exit code (status<<1)|1
+  views        partial register views: "gdb" (gdbstub through gdb/MI: GPRs, x87, xmm,
+               never ymm/zmm/k on QEMU 10) and "hmp" (HMP info registers: x87, xmm/ymm,
+               zmm/k when XCR0 enables them)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import struct
+import subprocess
+import tempfile
+import time
+import weakref
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Callable
+
+from ..backend import Backend, BackendError, ImportRejected, Session
+from ..guests import boot, protocol
+from ..xsave import Bank, Layout, XsaveImage
+from ..xsave.layout import component_name
+from .machine import (Machine, MachineSpec, QemuError, QemuUnavailable, _private_tmp_root,
+                      describe_exit, find_qemu, kvm_usable, temp_prefix)
+
+TCG_NO_APX = "QEMU TCG does not emulate APX"
+VERSION_RE = re.compile(r"QEMU emulator version (\d+)\.(\d+)(?:\.(\d+))?")
+
+# Features of QEMU sessions (scenario requirements: apx_tests.scenarios.catalog).
+# "fresh_vm": restore into a new QEMU process.  "xstate_bv_init": an import whose
+# XSTATE_BV leaves a component clear really loads its init state (KVM_SET_XSAVE does;
+# TCG keeps QEMU's register copies and ignores env.xstate_bv -- see docs/qemu.md).
+FEATURES = {
+    "kvm": frozenset({"fresh_vm", "xstate_bv_init"}),
+    "tcg": frozenset({"fresh_vm"}),
+}
+
+
+def _names(mask: int) -> str:
+    return ", ".join(f"{bit} {component_name(bit)}" for bit in range(64) if mask >> bit & 1)
+
+
+@dataclass(frozen=True)
+class QemuSnapshot:
+    """A paused point: a migration file (owned by the backend's snapshot directory)."""
+    path: str
+    stage: int | None
+    bank: str
+    spec: MachineSpec
+
+
+class PhaseClock:
+    """Seconds spent per phase (boot, save, parse, restore, guest, ...), summed."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, name: str, seconds: float) -> None:
+        self.phases[name] = self.phases.get(name, 0.0) + seconds
+        self.counts[name] = self.counts.get(name, 0) + 1
+
+    def reset(self) -> None:
+        self.phases.clear()
+        self.counts.clear()
+
+    def timed(self, name: str):
+        clock = self
+
+        class _Timer:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                clock.add(name, time.perf_counter() - self.t0)
+        return _Timer()
+
+
+class QemuHost:
+    """One QEMU binary with one accelerator: found once, probed lazily, shared by sessions.
+
+    `close()` removes the snapshot directory and kills any machine still open."""
+
+    def __init__(self, accel: str, qemu: str | None = None, *, cpu: str | None = None,
+                 timeout: float = 10.0):
+        if accel not in FEATURES:
+            raise ValueError(f"accel must be 'kvm' or 'tcg', not {accel!r}")
+        self.accel = accel
+        self.qemu = find_qemu(qemu)  # QemuUnavailable (an OSError) when missing
+        if accel == "kvm":
+            why = kvm_usable()
+            if why:
+                raise QemuUnavailable(f"qemu-kvm: -accel kvm needs /dev/kvm: {why}")
+        self.cpu = cpu
+        self.timeout = timeout
+        self.clock = PhaseClock()
+        self.artifacts: str | None = None
+        self._snapdir: str | None = None
+        self._sessions: "weakref.WeakSet[QemuSession]" = weakref.WeakSet()
+        self._probe_error: str | None = None
+        self._guest: boot.BootInfo | None = None
+        self._specs: dict[str, MachineSpec] = {}
+
+    # ---- facts about this QEMU ------------------------------------------------------------
+    def _run(self, *args: str) -> str:
+        try:
+            out = subprocess.run([self.qemu, *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise QemuUnavailable(f"{self.qemu} {' '.join(args)}: {exc}") from None
+        return out.stdout + out.stderr
+
+    @cached_property
+    def version(self) -> tuple[int, int, int]:
+        m = VERSION_RE.search(self._run("--version"))
+        if not m:
+            raise QemuUnavailable(f"{self.qemu} --version: no 'QEMU emulator version' line")
+        return tuple(int(g or 0) for g in m.groups())
+
+    @property
+    def version_text(self) -> str:
+        return ".".join(map(str, self.version))
+
+    @cached_property
+    def apxf(self) -> bool:
+        """`-cpu help` lists the apxf flag (QEMU >= 11)."""
+        return re.search(r"(?<![\w-])apxf(?![\w-])", self._run("-cpu", "help")) is not None
+
+    @cached_property
+    def kvm_host(self):
+        from ..kvm.backend import KvmHost
+        return KvmHost()
+
+    def spec(self, kernel: str) -> MachineSpec:
+        if kernel not in self._specs:
+            self._specs[kernel] = MachineSpec.create(accel=self.accel, kernel=kernel, qemu=self.qemu,
+                                                     cpu=self.cpu, timeout=self.timeout)
+        return self._specs[kernel]
+
+    @property
+    def guest(self) -> boot.BootInfo:
+        """What the boot stub finds in this QEMU's guest CPU (the XCR0 it enabled, CPUID
+        leaf 0xD): one probe boot per host (~50 ms), remembered, failure included."""
+        if self._guest is None and self._probe_error is None:
+            try:
+                self._guest = self._probe_guest()
+            except (QemuError, BackendError) as exc:
+                self._probe_error = str(exc)
+        if self._probe_error is not None:
+            raise QemuError(f"probe boot: {self._probe_error}")
+        return self._guest
+
+    def _probe_guest(self) -> boot.BootInfo:
+        from ..guests.build import GuestBuildError, build_payload
+        try:
+            image = boot.build_boot_image(build_payload("xmm").code)
+        except GuestBuildError as exc:
+            raise BackendError(str(exc)) from None
+        stub = image.stub
+        mailbox = boot.mailbox_bytes(protocol.bank_bytes("xmm"))
+        with Machine(self.spec(str(image.path)), preload={boot.DEFAULT_MAILBOX_GPA: mailbox},
+                     label=f"qemu-{self.accel} probe") as m:
+            try:
+                m.expect(b"0")
+            except QemuError as exc:
+                raise QemuError(f"{exc}{_boot_failure_hint(m)}") from None
+            return boot.read_bootinfo(stub, m.read(stub["BOOTINFO_ADDR"], boot.bootinfo_size(stub)))
+
+    @cached_property
+    def layout(self) -> Layout:
+        return self.guest.layout(f"QEMU {self.accel} -cpu {self.spec_cpu} guest CPUID leaf 0xD")
+
+    @property
+    def spec_cpu(self) -> str:
+        from .machine import KVM_CPU, TCG_CPU
+        return self.cpu or (KVM_CPU if self.accel == "kvm" else TCG_CPU)
+
+    # ---- snapshots --------------------------------------------------------------------------
+    def snapshot_path(self) -> str:
+        if self._snapdir is None or not os.path.isdir(self._snapdir):
+            self._snapdir = tempfile.mkdtemp(prefix=temp_prefix() + "snap-", dir=_private_tmp_root())
+        fd, path = tempfile.mkstemp(dir=self._snapdir, prefix="snapshot-", suffix=".mig")
+        os.close(fd)
+        return path
+
+    def close(self) -> None:
+        for session in list(self._sessions):
+            session.close()
+        if "kvm_host" in self.__dict__:
+            self.kvm_host.close()
+            del self.__dict__["kvm_host"]
+        if self._snapdir is not None:
+            shutil.rmtree(self._snapdir, ignore_errors=True)
+            self._snapdir = None
+
+
+def _boot_failure_hint(machine: Machine) -> str:
+    code = machine.exit_code
+    if code is not None and code > 0 and code & 1:
+        why = boot.describe_boot_failure(code >> 1)
+        if why:
+            return f" (boot stub: {why})"
+    if code == 0:
+        return " (exit 0: the guest triple-faulted; -no-reboot)"
+    return ""
+
+
+class QemuBackend(Backend):
+    """Backend "qemu-kvm" or "qemu-tcg"."""
+
+    def __init__(self, accel: str = "tcg", qemu: str | None = None, *, host: QemuHost | None = None,
+                 timeout: float = 10.0, cpu: str | None = None):
+        self.host = host or QemuHost(accel, qemu, cpu=cpu, timeout=timeout)
+        self.accel = self.host.accel
+        self.name = f"qemu-{self.accel}"
+        self.features = FEATURES[self.accel]
+
+    @property
+    def layout(self) -> Layout:
+        return self.host.layout
+
+    def unavailable_reason(self, bank: Bank) -> str | None:
+        if bank.name == "apx":
+            if self.accel == "tcg":
+                return TCG_NO_APX
+            reasons = []
+            if not self.host.apxf:
+                reasons.append(f"QEMU {self.host.version_text} does not know APX (`-cpu help` lists no apxf; "
+                               f"QEMU >= 11 needed)")
+            kvm = self.host.kvm_host
+            if not kvm.apx_cpu:
+                reasons.append("KVM_GET_SUPPORTED_CPUID lacks APX_F (CPUID.(EAX=7,ECX=1):EDX[21]=0)")
+            if not kvm.supported_xcr0 >> 19 & 1:
+                reasons.append(f"KVM supported XCR0 {kvm.supported_xcr0:#x} lacks bit 19 (APX)")
+            if reasons:
+                return "; ".join(reasons)
+        try:
+            guest = self.host.guest
+        except QemuError:
+            return None  # the boot problem is the test's failure, not a reason to skip
+        missing = bank.xcr0_mask & ~guest.xcr0
+        if missing:
+            return (f"QEMU {self.accel} -cpu {self.host.spec_cpu}: the guest's XCR0 {guest.xcr0:#x} (all that "
+                    f"CPUID.(EAX=0xD,ECX=0) offers) lacks {missing:#x} ({_names(missing)})")
+        return None
+
+    def start(self, bank: Bank, payload: bytes) -> "QemuSession":
+        return QemuSession.boot(self, bank, payload)
+
+
+class QemuSession(Session):
+    """A guest in one QEMU process at a time: imports and restores move it to a new one."""
+
+    def __init__(self, owner: QemuBackend, bank: Bank, machine: Machine, stage: int | None,
+                 spec: MachineSpec, image: boot.BootImage | None = None):
+        super().__init__()
+        self.owner = owner
+        self.host = owner.host
+        self.backend = owner.name
+        self.features = owner.features
+        self.bank = bank
+        self.layout = owner.layout
+        self.machine = machine
+        self.stage = stage
+        self.spec = spec
+        self.image = image
+        self.mailbox_gpa = boot.DEFAULT_MAILBOX_GPA
+        self.clock = owner.host.clock
+        self._seen = 0  # debugcon offset after the last sync character consumed
+        self._generation = 0  # bumps whenever guest RAM or state may differ from the last save
+        self._saved: tuple[str, int] | None = None  # (path, generation) of the newest save
+        self._counter = 0
+        self._parsed = None  # (path, MigrationStream) of the newest parse
+        self._closed = False
+        owner.host._sessions.add(self)
+
+    @property
+    def where(self) -> str:
+        return f"{self.backend} {self.bank.name}"
+
+    # ---- boot -------------------------------------------------------------------------------
+    @classmethod
+    def boot(cls, owner: QemuBackend, bank: Bank, payload: bytes) -> "QemuSession":
+        clock = owner.host.clock
+        owner.layout  # the probe boot, if not done yet: its failure must not leak a machine
+        with clock.timed("build"):
+            try:
+                image = boot.build_boot_image(payload)
+            except Exception as exc:  # GuestBuildError: one line already
+                raise BackendError(f"{owner.name} {bank.name}: {exc}") from None
+            spec = owner.host.spec(str(image.path))
+        mailbox = boot.mailbox_bytes(bank.size)
+        with clock.timed("boot"):
+            machine = Machine(spec, preload={boot.DEFAULT_MAILBOX_GPA: mailbox},
+                              label=f"{owner.name} {bank.name}", artifacts=owner.host.artifacts)
+        return cls(owner, bank, machine, None, spec, image)
+
+    # ---- guest control ----------------------------------------------------------------------
+    def _release(self, stage: int) -> None:
+        self.machine.write(self.mailbox_gpa + protocol.OFF_GO, struct.pack("<I", stage))
+        self._generation += 1
+
+    def run_to(self, stage: int) -> None:
+        if self.stage is not None:
+            self._release(self.stage)
+        want = protocol.sync_char(stage)
+        with self.clock.timed("guest"):
+            try:
+                at = self.machine.expect(want, since=self._seen, timeout=self.host.timeout)
+            except QemuError as exc:
+                raise BackendError(f"{exc} (waiting for stage {stage}, last stage "
+                                   f"{'none' if self.stage is None else self.stage})"
+                                   f"{_boot_failure_hint(self.machine)}") from None
+        between = bytes(self.machine.debug_output[self._seen:at])
+        stray = bytes(c for c in between if chr(c) in "012" or c == ord("X"))
+        if stray:
+            raise BackendError(f"{self.where}: debugcon showed {stray!r} before stage {stage} "
+                               f"(after stage {self.stage})")
+        self._seen = at + 1
+        self.stage = stage
+        self._generation += 1
+
+    def finish(self) -> int:
+        if self.stage is not None:
+            self._release(self.stage)
+        with self.clock.timed("finish"):
+            try:
+                code = self.machine.wait_exit(self.host.timeout)
+            except QemuError as exc:
+                raise BackendError(f"{exc} (waiting for the guest to finish after stage {self.stage})") from None
+        if code is None or code <= 0 or not code & 1 or (code >> 1) > protocol.STATUS_MISMATCH:
+            raise BackendError(f"{self.where}: expected the guest to finish through isa-debug-exit, QEMU "
+                               f"{describe_exit(code)}{_boot_failure_hint(self.machine)}; "
+                               f"stderr: {self.machine.stderr_tail() or 'empty'}")
+        return code >> 1
+
+    # ---- state ------------------------------------------------------------------------------
+    def _new_path(self, what: str) -> str:
+        self._counter += 1
+        return self.machine.path(f"{what}-{self._counter}.mig")
+
+    def _save(self) -> str:
+        """The current state as a migration file; reused while nothing changed since."""
+        if self._saved is not None and self._saved[1] == self._generation and os.path.exists(self._saved[0]):
+            return self._saved[0]
+        path = self._new_path("state")
+        with self.clock.timed("save"):
+            try:
+                self.machine.save(path)
+                self.machine.cont()
+            except QemuError as exc:
+                raise BackendError(str(exc)) from None
+        if self._saved is not None and self._saved[0] != path:
+            try:
+                os.unlink(self._saved[0])
+            except OSError:
+                pass
+        self._saved = (path, self._generation)
+        return path
+
+    def _stream(self, path: str):
+        """The parsed stream of `path` (the newest one is kept: export then import of the
+        same state parse once)."""
+        from .migration import MigrationStream, MigrationStreamError
+        if self._parsed is not None and self._parsed[0] == path:
+            return self._parsed[1]
+        with self.clock.timed("parse"):
+            try:
+                stream = MigrationStream.open(path)
+            except MigrationStreamError as exc:
+                raise BackendError(f"{self.where}: {exc}") from None
+        self._parsed = (path, stream)
+        return stream
+
+    def export(self) -> XsaveImage:
+        from .migration import MigrationStreamError
+        stream = self._stream(self._save())
+        with self.clock.timed("parse"):
+            try:
+                cpu = stream.cpu_state(0, accelerator=self.owner.accel)
+                return cpu.to_xsave(self.layout, where=f"{self.backend} migration stream")
+            except MigrationStreamError as exc:
+                raise BackendError(f"{self.where}: {exc}") from None
+
+    def observers(self) -> dict[str, Callable[[], XsaveImage]]:
+        """Observers giving a whole XsaveImage (what scenarios compare).  The partial
+        register views of the gdbstub and HMP are in views()."""
+        return {"migration": self.export}
+
+    def views(self) -> dict[str, Callable[[], dict[str, bytes]]]:
+        """Partial register views: name -> callable -> {register: raw little-endian bytes},
+        only the registers of this bank the observer can see (possibly under a narrower
+        name: gdb shows ymm banks as xmm0-15)."""
+        return {"gdb": self.gdb_view, "hmp": self.hmp_view}
+
+    def _view_names(self) -> list[str]:
+        names = list(self.bank.names)
+        for n in self.bank.names:
+            m = re.fullmatch(r"(ymm|zmm)(\d+)", n)
+            if m:
+                i = int(m.group(2))
+                names += [f"xmm{i}"] if m.group(1) == "ymm" or i < 16 else []
+                if m.group(1) == "zmm" and i < 16:
+                    names.append(f"ymm{i}")
+        return list(dict.fromkeys(names))
+
+    def hmp_view(self) -> dict[str, bytes]:
+        from .hmp import HmpParseError, parse_info_registers, read_info_registers
+        with self.clock.timed("hmp"):
+            try:
+                regs = parse_info_registers(read_info_registers(self.machine.hmp))
+            except (QemuError, HmpParseError) as exc:
+                raise BackendError(f"{self.where}: hmp view: {exc}") from None
+        return {n: regs[n] for n in self._view_names() if n in regs}
+
+    def gdb_view(self) -> dict[str, bytes]:
+        """Attach gdb to the gdbstub (stops the VM), read, detach (resumes it)."""
+        from .gdb import GdbError, GdbSession
+        with self.clock.timed("gdb"):
+            gdb = GdbSession(self.machine.gdb_socket, timeout=self.host.timeout)
+            try:
+                gdb.connect()
+                offered = set(gdb.register_names())
+                names = [n for n in self._view_names() if n in offered]
+                regs = gdb.read_registers(names) if names else {}
+                gdb.detach()
+            except GdbError as exc:
+                raise BackendError(f"{self.where}: gdb view: {exc}") from None
+            finally:
+                gdb.close()
+        if self.machine.running and self.machine.status() != "running":
+            self.machine.cont()
+        return regs
+
+    def import_image(self, image: XsaveImage) -> None:
+        """Patch the bank's registers (raw bytes) and the bank's XSTATE_BV bits of `image`
+        into a copy of the current migration stream; continue in a fresh QEMU from it."""
+        from .migration import MigrationStreamError
+        stream = self._stream(self._save())
+        path = self._new_path("import")
+        with self.clock.timed("patch"):
+            try:
+                edits = self._register_edits(stream, image)
+                stream.patch(path, edits)
+            except (MigrationStreamError, ValueError) as exc:
+                raise BackendError(f"{self.where}: import: {exc}") from None
+        self._move_to(path, rejected=True)
+
+    def _register_edits(self, stream, image: XsaveImage) -> dict:
+        edits: dict = {}
+        for reg in self.bank.registers:
+            value = b"".join(image.raw_component_bytes(slot.component)[slot.offset:slot.offset + slot.size]
+                             for slot in reg.slots)
+            for leaf, raw in stream.register_edits(reg.name, value, mark_xstate=False).items():
+                if leaf in edits and edits[leaf] != raw:
+                    raise BackendError(f"{self.where}: import: {reg.name} shares stream field {leaf.path} "
+                                       f"with another register of the bank")
+                edits[leaf] = raw
+        cpu = stream.cpu_state(0, accelerator=self.owner.accel)
+        leaf = cpu.leaves.get("env.xstate_bv")
+        if leaf is not None:
+            mask = self.bank.xstate_mask
+            new = (cpu.xstate_bv & ~mask) | (image.xstate_bv & mask)
+            if new != cpu.xstate_bv:
+                edits[leaf] = new.to_bytes(leaf.size, "big")
+        return edits
+
+    def _move_to(self, path: str, *, rejected: bool = False) -> None:
+        """Continue this session in a fresh QEMU restoring `path`."""
+        try:
+            self.machine.stop()  # a spinning guest would compete for the CPU with the new QEMU
+        except QemuError:
+            pass
+        with self.clock.timed("restore"):
+            try:
+                fresh = Machine(self.spec, incoming=path, label=self.machine.label,
+                                artifacts=self.host.artifacts)
+            except QemuError as exc:
+                if rejected:
+                    raise ImportRejected(f"{exc} (restoring the patched stream)") from None
+                raise BackendError(str(exc)) from None
+        old, self.machine = self.machine, fresh
+        old.close()
+        self._seen = 0
+        self._saved = self._parsed = None
+        self._generation += 1
+
+    def snapshot(self) -> QemuSnapshot:
+        if self.stage is None:
+            raise BackendError(f"{self.where}: snapshot before the guest reached a sync point")
+        state = self._save()  # reused when nothing changed since the last export
+        path = self.host.snapshot_path()
+        try:
+            os.replace(state, path)  # same file system (both private dirs are on /dev/shm)
+        except OSError:
+            shutil.copyfile(state, path)
+        self._saved = None
+        snap = QemuSnapshot(path, self.stage, self.bank.name, self.spec)
+        weakref.finalize(snap, _unlink, path)
+        return snap
+
+    def restore(self, snapshot: QemuSnapshot) -> "QemuSession":
+        """A fresh QEMU restoring the snapshot file: the guest continues there."""
+        if snapshot.bank != self.bank.name:
+            raise BackendError(f"{self.where}: snapshot of bank {snapshot.bank}")
+        with self.clock.timed("restore"):
+            try:
+                machine = Machine(snapshot.spec, incoming=snapshot.path, label=f"{self.backend} {self.bank.name}",
+                                  artifacts=self.host.artifacts)
+            except QemuError as exc:
+                raise BackendError(str(exc)) from None
+        return QemuSession(self.owner, self.bank, machine, snapshot.stage, snapshot.spec, self.image)
+
+    # ---- mailbox ------------------------------------------------------------------------------
+    def write_area(self, offset: int, data: bytes) -> None:
+        try:
+            self.machine.write(self.mailbox_gpa + offset, data)
+        except QemuError as exc:
+            raise BackendError(str(exc)) from None
+        self._generation += 1
+
+    def read_area(self, offset: int, size: int) -> bytes:
+        try:
+            return self.machine.read(self.mailbox_gpa + offset, size)
+        except QemuError as exc:
+            raise BackendError(str(exc)) from None
+
+    # ---- lifetime ---------------------------------------------------------------------------
+    def keep_artifacts(self, directory: str) -> None:
+        self.machine.keep_artifacts(directory)
+        if self._saved is not None:
+            self.machine.keep_file(self._saved[0])
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.machine.close()
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

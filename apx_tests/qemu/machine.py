@@ -1,0 +1,770 @@
+"""One qemu-system-x86_64 process: started, watched, talked to, and always cleaned up.
+
+    spec = MachineSpec.create(accel="tcg", kernel=image.path)
+    with Machine(spec, preload={MAILBOX_GPA: mailbox}) as m:   # boots; QMP connected
+        m.expect(b"0", timeout=5)          # wait for a character on isa-debugcon
+        m.write(gpa, data); m.read(gpa, n) # guest RAM, shared with QEMU (no QEMU call)
+        m.save(path)                       # QMP stop + migrate to file:PATH (VM stays stopped)
+        m.cont()
+        m.hmp("info registers")
+        code = m.wait_exit(5)              # isa-debug-exit: (status << 1) | 1
+    Machine(spec, incoming=path)           # a fresh QEMU restoring a saved stream
+
+What each QEMU gets (docs/qemu.md):
+  -machine microvm -bios qboot.rom -nodefaults -no-user-config -display none -no-reboot -S
+  -accel kvm -cpu host,-arch-capabilities | -accel tcg -cpu max
+  guest RAM: a memory-backend-file (share=on) in the machine's private directory, which
+    this process also maps: mailbox reads and writes cost no QEMU round trip at all
+  isa-debugcon (0xE9) on a chardev socket this process listens on; isa-debug-exit (0xF4)
+  QMP on a chardev socket this process listens on (client mode: no connect race), spoken
+    with qemu.qmp's QMPClient, every call under a timeout; -S, then `cont` once connected
+  gdbstub: -gdb unix:DIR/gdb.sock,server=on,wait=off (for the gdb observer)
+  -incoming file:PATH or defer for restores
+
+Every socket is a Unix socket inside a private 0700 directory (tempfile.mkdtemp, on
+/dev/shm when it is there, so guest RAM is tmpfs); never TCP.  close() kills and
+reaps QEMU, closes QMP and the sockets, and removes the directory -- also after an
+exception or KeyboardInterrupt -- and QEMU gets PR_SET_PDEATHSIG, so even a killed
+Python does not leave it running.  Errors are QemuError / QemuUnavailable with
+one-line messages (what, QEMU's exit status or the last debugcon output, and the tail
+of QEMU's stderr).
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import json
+import mmap
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from ..backend import BackendError
+
+QEMU_BINARY = "qemu-system-x86_64"
+QBOOT_CANDIDATES = ("/usr/share/qemu/qboot.rom", "/usr/share/seabios/qboot.rom")
+DEFAULT_MEMORY_MIB = 16
+DEFAULT_TIMEOUT = 10.0
+TEMP_PREFIX = "apx-qemu-"  # + pid + "-": a process finds (and a test counts) only its own directories
+KVM_CPU = "host,-arch-capabilities"  # see docs/qemu.md: QEMU 10 -cpu host asserts on MSR 0x10a here
+TCG_CPU = "max"
+
+
+class QemuError(BackendError):
+    """QEMU did not do what was asked; str() is one line."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
+class QemuUnavailable(QemuError, OSError):
+    """QEMU (or the accelerator) cannot be used here at all; the plugin turns it into a skip."""
+
+
+# --- finding things -------------------------------------------------------------------
+
+def find_qemu(explicit: str | None = None) -> str:
+    """The qemu-system-x86_64 to use: `explicit`, $APX_QEMU, or PATH.  QemuUnavailable
+    (one line) when there is none or it is not executable."""
+    candidate = explicit or os.environ.get("APX_QEMU") or QEMU_BINARY
+    path = candidate if os.sep in candidate else shutil.which(candidate)
+    if path is None:
+        raise QemuUnavailable(f"{candidate}: not found in PATH (install qemu-system-x86, or pass --apx-qemu)")
+    if not os.path.isfile(path) or not os.access(path, os.X_OK):
+        raise QemuUnavailable(f"{path}: not an executable file")
+    return path
+
+
+def find_qboot(qemu: str) -> str:
+    """qboot.rom: next to the binary's share/qemu, or the Debian locations."""
+    prefix = Path(qemu).resolve().parent.parent
+    for candidate in (prefix / "share" / "qemu" / "qboot.rom", *map(Path, QBOOT_CANDIDATES)):
+        if candidate.is_file():
+            return str(candidate)
+    raise QemuUnavailable(f"qboot.rom not found (looked in {prefix / 'share/qemu'} and "
+                          f"{', '.join(QBOOT_CANDIDATES)}); the microvm machine needs it")
+
+
+def kvm_usable(path: str = "/dev/kvm") -> str | None:
+    """None if /dev/kvm opens read-write, else why not (one line)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        return f"{path}: {exc.strerror}"
+    os.close(fd)
+    return None
+
+
+def temp_prefix() -> str:
+    return f"{TEMP_PREFIX}{os.getpid()}-"
+
+
+def our_temp_dirs() -> list[str]:
+    """Private directories of this process's machines and snapshots that still exist."""
+    found = []
+    for root in {_private_tmp_root() or tempfile.gettempdir(), tempfile.gettempdir()}:
+        try:
+            names = os.listdir(root)
+        except OSError:
+            continue
+        found += [os.path.join(root, n) for n in names if n.startswith(temp_prefix())]
+    return sorted(found)
+
+
+_swept = False
+
+
+def sweep_stale_dirs() -> list[str]:
+    """Remove private directories left by processes of ours that no longer exist (a
+    SIGKILLed or SIGTERMed test run cannot clean up; PR_SET_PDEATHSIG already ended its
+    QEMUs).  Done once per process, before the first machine starts."""
+    removed = []
+    for root in {_private_tmp_root() or tempfile.gettempdir(), tempfile.gettempdir()}:
+        try:
+            names = os.listdir(root)
+        except OSError:
+            continue
+        for name in names:
+            parts = name[len(TEMP_PREFIX):].split("-", 1) if name.startswith(TEMP_PREFIX) else []
+            if len(parts) != 2 or not parts[0].isdigit() or int(parts[0]) == os.getpid():
+                continue
+            try:
+                os.kill(int(parts[0]), 0)
+                continue  # still running
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue  # someone else's live process
+            path = os.path.join(root, name)
+            if os.path.isdir(path) and not os.path.islink(path) and os.stat(path).st_uid == os.getuid():
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
+
+
+def _private_tmp_root() -> str | None:
+    shm = "/dev/shm"
+    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) else None
+
+
+# --- the machine's configuration ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class MachineSpec:
+    """Everything that must be identical between a machine and the ones restoring its
+    streams (QEMU refuses a stream from a different machine configuration)."""
+
+    qemu: str
+    accel: str
+    cpu: str
+    kernel: str
+    bios: str
+    memory_mib: int = DEFAULT_MEMORY_MIB
+    extra: tuple[str, ...] = ()
+    timeout: float = DEFAULT_TIMEOUT
+
+    @classmethod
+    def create(cls, *, accel: str, kernel: str | os.PathLike, qemu: str | None = None, cpu: str | None = None,
+               memory_mib: int = DEFAULT_MEMORY_MIB, extra: Iterable[str] = (),
+               timeout: float = DEFAULT_TIMEOUT) -> "MachineSpec":
+        if accel not in ("kvm", "tcg"):
+            raise ValueError(f"accel must be 'kvm' or 'tcg', not {accel!r}")
+        path = find_qemu(qemu)
+        if accel == "kvm":
+            why = kvm_usable()
+            if why:
+                raise QemuUnavailable(f"-accel kvm: {why}")
+        return cls(path, accel, cpu or (KVM_CPU if accel == "kvm" else TCG_CPU), os.fspath(kernel),
+                   find_qboot(path), memory_mib, tuple(extra), timeout)
+
+    @property
+    def name(self) -> str:
+        return f"qemu-{self.accel}"
+
+    def argv(self, workdir: str, incoming: str | None) -> list[str]:
+        d = workdir
+        mem = f"{self.memory_mib}M"
+        argv = [
+            self.qemu,
+            "-machine", "microvm,memory-backend=ram,pit=off,pic=off,rtc=off,isa-serial=off,acpi=off",
+            "-bios", self.bios,
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-S",
+            "-accel", self.accel, "-cpu", self.cpu, "-smp", "1", "-m", mem,
+            "-object", f"memory-backend-file,id=ram,size={mem},mem-path={d}/ram,share=on",
+            "-chardev", f"socket,id=dbg,path={d}/dbg.sock",
+            "-device", "isa-debugcon,iobase=0xe9,chardev=dbg",
+            "-device", "isa-debug-exit,iobase=0xf4,iosize=1",
+            "-chardev", f"socket,id=qmp,path={d}/qmp.sock",
+            "-mon", "chardev=qmp,mode=control",
+            "-gdb", f"unix:{d}/gdb.sock,server=on,wait=off",
+            "-kernel", self.kernel,
+            *self.extra,
+        ]
+        if incoming:
+            argv += ["-incoming", incoming]
+        return argv
+
+
+# --- QMP ---------------------------------------------------------------------------------
+
+QMP_NICKNAME = "apx_tests"
+QMP_EXIT_GRACE = 2.0  # seconds to let a QEMU whose QMP connection dropped finish exiting
+POLL_MIN, POLL_MAX = 0.0002, 0.002  # query-migrate polling: a round trip costs ~0.2 ms
+
+
+class QmpConnection:
+    """A synchronous QMP client over an accepted socket: qemu.qmp's QMPClient on a
+    private event loop, every call bounded by a timeout (qemu.qmp.legacy has none for
+    connect, and a QEMU that never greets would hang us)."""
+
+    def __init__(self, sock: socket.socket, timeout: float):
+        import asyncio
+
+        from qemu.qmp import QMPClient
+
+        _quiet_qmp_logging()
+        self.timeout = timeout
+        self._asyncio = asyncio
+        self._loop = asyncio.new_event_loop()
+        self._client = QMPClient(QMP_NICKNAME)
+        self._run(self._client.connect(sock), "connect")
+
+    def _run(self, coro, what: str, timeout: float | None = None):
+        try:
+            return self._loop.run_until_complete(self._asyncio.wait_for(coro, timeout or self.timeout))
+        except self._asyncio.TimeoutError:
+            raise QmpTimeout(f"no answer to QMP {what} within {timeout or self.timeout:g} s") from None
+
+    def cmd(self, command: str, **args):
+        return self._run(self._client.execute(command, args or None), command)
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        try:
+            # A close from a finalizer may run inside another connection's QMP call
+            # (garbage collection happens anywhere): no event loop may run then.
+            if self._asyncio._get_running_loop() is None:
+                self._run(self._client.disconnect(), "disconnect", 2.0)
+        except Exception:
+            pass
+        finally:
+            self._loop.close()
+
+
+class QmpTimeout(TimeoutError):
+    pass
+
+
+def _quiet_qmp_logging() -> None:
+    """qemu.qmp logs connection failures at ERROR/CRITICAL with tracebacks; every one of
+    them becomes a one-line QemuError here, so its loggers for our connections stay quiet."""
+    import logging
+
+    for module in ("qemu.qmp.protocol", "qemu.qmp.qmp_client"):
+        logging.getLogger(f"{module}.{QMP_NICKNAME}").setLevel(logging.CRITICAL + 1)
+
+
+# --- leak protection ----------------------------------------------------------------------
+
+_LIVE: "weakref.WeakSet[Machine]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_leftovers() -> None:  # pragma: no cover - only runs when a caller forgot close()
+    for machine in list(_LIVE):
+        try:
+            machine.close()
+        except Exception:
+            pass
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except Exception:
+        pass
+
+
+def live_machines() -> list["Machine"]:
+    return [m for m in _LIVE if m.running]
+
+
+# --- the machine ------------------------------------------------------------------------
+
+@dataclass
+class _Timing:
+    phases: dict[str, float] = field(default_factory=dict)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.phases[name] = self.phases.get(name, 0.0) + seconds
+
+
+class Machine:
+    """One QEMU process (see the module docstring).  Construct = start; close() always."""
+
+    def __init__(self, spec: MachineSpec, *, preload: dict[int, bytes] | None = None,
+                 incoming: str | os.PathLike | None = None, defer: bool = False,
+                 artifacts: str | os.PathLike | None = None, label: str | None = None):
+        self.spec = spec
+        self.label = label or spec.name
+        self.timing = _Timing()
+        self.debug_output = bytearray()
+        self.exit_code: int | None = None
+        self.proc: subprocess.Popen | None = None
+        self.qmp_client = None
+        self.memory: mmap.mmap | None = None
+        self._artifacts = Path(artifacts) if artifacts else None
+        self._keep: list[Path] = []
+        self._pidfd: int | None = None
+        self._listeners: dict[str, socket.socket] = {}
+        self._dbg: socket.socket | None = None
+        self._qmp_sock: socket.socket | None = None
+        self._ram_fd: int | None = None
+        self._closed = False
+        self._stderr_file = None
+        self.incoming = None if incoming is None else os.fspath(incoming)
+        global _swept
+        if not _swept:
+            _swept = True
+            sweep_stale_dirs()
+        self.workdir = tempfile.mkdtemp(prefix=temp_prefix(), dir=_private_tmp_root())  # mode 0700
+        _LIVE.add(self)
+        try:
+            self._start(preload or {}, "defer" if defer else (f"file:{self.incoming}" if self.incoming else None))
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- paths ---------------------------------------------------------------------------
+    def path(self, name: str) -> str:
+        return os.path.join(self.workdir, name)
+
+    @property
+    def gdb_socket(self) -> str:
+        return self.path("gdb.sock")
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    # ---- start ---------------------------------------------------------------------------
+    def _start(self, preload: dict[int, bytes], incoming: str | None) -> None:
+        t0 = time.perf_counter()
+        size = self.spec.memory_mib << 20
+        self._ram_fd = os.open(self.path("ram"), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        os.ftruncate(self._ram_fd, size)
+        self.memory = mmap.mmap(self._ram_fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        for gpa, data in preload.items():
+            self.write(gpa, data)
+        for name in ("qmp", "dbg"):
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            listener.bind(self.path(f"{name}.sock"))
+            listener.listen(1)
+            self._listeners[name] = listener
+        self.argv = self.spec.argv(self.workdir, incoming)
+        with open(self.path("cmdline.json"), "w") as fh:
+            json.dump(self.argv, fh)
+        self._stderr_file = open(self.path("qemu.stderr"), "w+b")
+        try:
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=self._stderr_file,
+                                         stderr=self._stderr_file, close_fds=True, preexec_fn=_die_with_parent,
+                                         cwd=self.workdir)
+        except OSError as exc:
+            raise QemuUnavailable(f"{self.label}: cannot run {self.spec.qemu}: {exc.strerror or exc}") from None
+        try:
+            self._pidfd = os.pidfd_open(self.proc.pid)
+        except (AttributeError, OSError):
+            self._pidfd = None
+        self.timing.add("spawn", time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        self._accept_all()
+        self._connect_qmp()
+        self.timing.add("qmp", time.perf_counter() - t1)
+        # QEMU starts with -S: nothing in the guest runs (or exits) while QMP connects.
+        if incoming and incoming != "defer":
+            t2 = time.perf_counter()
+            self.wait_incoming()
+            self.timing.add("incoming", time.perf_counter() - t2)
+        elif not incoming:
+            self.cont()
+
+    def _wait_fds(self, fds: list, timeout: float) -> list:
+        """select() on `fds` plus QEMU's exit; raises QemuError when QEMU is gone."""
+        extra = [self._pidfd] if self._pidfd is not None else []
+        step = timeout if self._pidfd is not None else min(timeout, 0.005)
+        ready, _, _ = select.select(list(fds) + extra, [], [], max(step, 0))
+        if self._pidfd is not None and self._pidfd in ready or self.proc.poll() is not None:
+            self._reap()
+            raise self._died()
+        return ready
+
+    def _accept_all(self) -> None:
+        deadline = time.monotonic() + self.spec.timeout
+        pending = dict(self._listeners)
+        while pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self.error(f"QEMU did not connect its {' and '.join(pending)} socket(s) within "
+                                 f"{self.spec.timeout:g} s")
+            for listener in self._wait_fds(list(pending.values()), remaining):
+                name = next((n for n, s in pending.items() if s is listener), None)
+                if name is None:
+                    continue
+                conn, _ = listener.accept()
+                conn.set_inheritable(False)
+                if name == "dbg":
+                    conn.setblocking(False)
+                    self._dbg = conn
+                else:
+                    self._qmp_sock = conn
+                del pending[name]
+                listener.close()
+                self._listeners.pop(name, None)
+
+    def _connect_qmp(self) -> None:
+        try:
+            self.qmp_client = QmpConnection(self._qmp_sock, self.spec.timeout)
+        except Exception as exc:
+            raise self._qmp_failure("connect", exc) from None
+
+    # ---- QMP -----------------------------------------------------------------------------
+    def qmp(self, command: str, **args):
+        """One QMP command; its 'return' value.  QemuError (one line) on any failure."""
+        if self.qmp_client is None:
+            raise self.error(f"QMP {command}: not connected")
+        try:
+            return self.qmp_client.cmd(command, **args)
+        except Exception as exc:
+            raise self._qmp_failure(command, exc) from None
+
+    def _qmp_failure(self, command: str, exc: BaseException) -> QemuError:
+        from qemu.qmp import ConnectError, ExecInterruptedError, StateError
+
+        lost = isinstance(exc, (ConnectError, ExecInterruptedError, StateError, EOFError, ConnectionError,
+                                QmpTimeout))
+        if self.proc is not None and lost:
+            # The connection dropped: QEMU is exiting (an error, or the guest's isa-debug-exit).
+            # Give it a moment, so the message says why rather than "EOF".
+            try:
+                self.proc.wait(QMP_EXIT_GRACE)
+            except subprocess.TimeoutExpired:
+                pass
+        if self.proc is not None and self.proc.poll() is not None:
+            self._reap()
+            return self._died(f"during QMP {command}")
+        detail = getattr(exc, "error_msg", None) or str(exc) or type(exc).__name__
+        return self.error(f"QMP {command} failed: {detail}")
+
+    def hmp(self, command_line: str) -> str:
+        return self.qmp("human-monitor-command", **{"command-line": command_line})
+
+    def status(self) -> str:
+        return self.qmp("query-status")["status"]
+
+    def stop(self) -> None:
+        self.qmp("stop")
+
+    def cont(self) -> None:
+        self.qmp("cont")
+
+    def save(self, path: str | os.PathLike, *, keep: bool = False) -> str:
+        """QMP stop + migrate to file:PATH, waiting for completion.  The VM stays stopped
+        (status 'postmigrate'); cont() resumes it."""
+        t0 = time.perf_counter()
+        path = os.fspath(path)
+        self.qmp("stop")
+        self.qmp("migrate", uri=f"file:{path}")
+        deadline = time.monotonic() + self.spec.timeout
+        delay = POLL_MIN
+        while True:
+            info = self.qmp("query-migrate")
+            state = info.get("status")
+            if state == "completed":
+                break
+            if state in ("failed", "cancelled"):
+                raise self.error(f"migrate to file:{path} {state}: {info.get('error-desc', 'no detail')}")
+            if time.monotonic() > deadline:
+                raise self.error(f"migrate to file:{path} not completed within {self.spec.timeout:g} s "
+                                 f"(status {state})")
+            time.sleep(delay)
+            delay = min(delay * 1.5, POLL_MAX)
+        if keep:
+            self._keep.append(Path(path))
+        self.timing.add("save", time.perf_counter() - t0)
+        return path
+
+    def wait_incoming(self, *, resume: bool = True) -> None:
+        """After -incoming file:PATH: wait until the stream is loaded, then (resume) cont.
+
+        Our streams come from a VM stopped with QMP `stop`, so the destination loads them
+        into a paused VM (QEMU migrates the run state); a load error makes QEMU exit,
+        which surfaces here as a QemuError with its stderr."""
+        deadline = time.monotonic() + self.spec.timeout
+        delay = POLL_MIN
+        while True:
+            info = self.qmp("query-migrate")
+            state = info.get("status")
+            if state == "completed":
+                break
+            if state in ("failed", "cancelled"):
+                raise self.error(f"restoring {self.incoming} {state}: {info.get('error-desc', 'no detail')}")
+            if time.monotonic() > deadline:
+                raise self.error(f"restoring {self.incoming}: not loaded within {self.spec.timeout:g} s "
+                                 f"(migration status {state}, VM {self.status()})")
+            time.sleep(delay)
+            delay = min(delay * 1.5, POLL_MAX)
+        if resume and self.status() != "running":
+            self.cont()
+
+    def migrate_incoming(self, path: str | os.PathLike, *, resume: bool = True) -> None:
+        """For a machine started with defer=True (-incoming defer): load `path` now."""
+        self.incoming = os.fspath(path)
+        self.qmp("migrate-incoming", uri=f"file:{self.incoming}")
+        self.wait_incoming(resume=resume)
+
+    def pmemsave(self, gpa: int, size: int) -> bytes:
+        """Guest-physical memory through QMP pmemsave (a file in the private directory)."""
+        path = self.path(f"pmem-{gpa:x}-{size:x}.bin")
+        self.qmp("pmemsave", val=gpa, size=size, filename=path)
+        try:
+            with open(path, "rb") as fh:
+                return fh.read()
+        finally:
+            os.unlink(path)
+
+    # ---- guest memory (shared mapping) ---------------------------------------------------
+    def _check_range(self, gpa: int, size: int) -> None:
+        if self.memory is None or self.memory.closed:
+            raise self.error("guest memory is not mapped (machine closed)")
+        if gpa < 0 or size < 0 or gpa + size > len(self.memory):
+            raise self.error(f"guest range {gpa:#x}+{size:#x} is outside RAM ({len(self.memory):#x} bytes)")
+
+    def write(self, gpa: int, data: bytes) -> None:
+        self._check_range(gpa, len(data))
+        self.memory[gpa:gpa + len(data)] = bytes(data)
+
+    def read(self, gpa: int, size: int) -> bytes:
+        self._check_range(gpa, size)
+        return self.memory[gpa:gpa + size]
+
+    # ---- debugcon --------------------------------------------------------------------------
+    def _drain(self) -> bool:
+        """Read whatever debugcon has; False when the socket is closed."""
+        while True:
+            try:
+                chunk = self._dbg.recv(4096)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            if not chunk:
+                return False
+            self.debug_output += chunk
+
+    def expect(self, char: bytes, *, since: int = 0, timeout: float | None = None) -> int:
+        """Wait until `char` appears on debugcon at or after offset `since`; return its offset.
+        QemuError when QEMU exits first or nothing comes within `timeout`."""
+        timeout = self.spec.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        t0 = time.perf_counter()
+        while True:
+            at = self.debug_output.find(char, since)
+            if at >= 0:
+                self.timing.add("guest", time.perf_counter() - t0)
+                return at
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self.error(f"no {char.decode(errors='replace')!r} on debugcon within {timeout:g} s")
+            if self._dbg is None:
+                raise self.error("debugcon is not connected")
+            try:
+                self._wait_fds([self._dbg], remaining)
+            except QemuError:
+                self._drain()
+                if self.debug_output.find(char, since) >= 0:
+                    return self.debug_output.find(char, since)
+                raise
+            if not self._drain():
+                self._dbg.close()
+                self._dbg = None
+                self.wait_exit(self.spec.timeout)
+                raise self._died(f"while waiting for {char.decode(errors='replace')!r} on debugcon")
+
+    # ---- exit ---------------------------------------------------------------------------
+    def wait_exit(self, timeout: float | None = None) -> int:
+        """Wait for QEMU to exit on its own (isa-debug-exit); its exit status."""
+        if self.proc is None:
+            raise self.error("not started")
+        timeout = self.spec.timeout if timeout is None else timeout
+        if self._pidfd is not None and self.proc.poll() is None:
+            select.select([self._pidfd], [], [], timeout)  # wakes at the exit, not at a poll step
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise self.error(f"QEMU did not exit within {timeout:g} s") from None
+        self._reap()
+        return self.exit_code
+
+    def _reap(self) -> None:
+        if self.proc is not None and self.exit_code is None:
+            self.exit_code = self.proc.wait()
+        if self._dbg is not None:
+            self._drain()
+
+    def stderr_tail(self, lines: int = 3, limit: int = 300) -> str:
+        try:
+            with open(self.path("qemu.stderr"), "rb") as fh:
+                text = fh.read()[-8192:].decode(errors="replace")
+        except OSError:
+            return ""
+        useful = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        tail = " | ".join(useful[-lines:])
+        return tail if len(tail) <= limit else "..." + tail[-limit:]
+
+    def _died(self, when: str = "") -> QemuError:
+        code = self.exit_code if self.exit_code is not None else self.proc.poll()
+        if code is not None and code < 0:
+            try:
+                how = f"was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"was killed by signal {-code}"
+        else:
+            how = f"exited with status {code} ({describe_exit(code)})"
+        where = f" {when}" if when else ""
+        return self.error(f"QEMU {how}{where}", stopped=True)
+
+    def error(self, what: str, *, stopped: bool = False) -> QemuError:
+        """A one-line QemuError with the debugcon output so far and QEMU's stderr tail."""
+        parts = [f"{self.label}: {what}"]
+        if self.debug_output:
+            parts.append(f"debugcon {bytes(self.debug_output[-24:]).decode(errors='replace')!r}")
+        tail = self.stderr_tail()
+        if tail:
+            parts.append(f"stderr: {tail}")
+        elif stopped:
+            parts.append("no stderr")
+        return QemuError("; ".join(parts))
+
+    # ---- artifacts and cleanup ----------------------------------------------------------
+    def keep_artifacts(self, directory: str | os.PathLike) -> None:
+        """On close(), copy the command line, QEMU's stderr, the debugcon log and the
+        migration files saved with keep=True into `directory`."""
+        self._artifacts = Path(directory)
+
+    def keep_file(self, path: str | os.PathLike) -> None:
+        self._keep.append(Path(path))
+
+    def _save_artifacts(self) -> None:
+        if self._artifacts is None:
+            return
+        try:
+            self._artifacts.mkdir(parents=True, exist_ok=True)
+            prefix = f"{self.label}-{self.pid or 0}-"
+            (self._artifacts / f"{prefix}debugcon.log").write_bytes(bytes(self.debug_output))
+            for name in ("qemu.stderr", "cmdline.json"):
+                if os.path.exists(self.path(name)):
+                    shutil.copyfile(self.path(name), self._artifacts / f"{prefix}{name}")
+            for path in self._keep:
+                if path.exists():
+                    shutil.copyfile(path, self._artifacts / f"{prefix}{path.name}")
+        except OSError:
+            pass  # artifacts are best effort; cleanup must still happen
+
+    def close(self) -> None:
+        """Kill and reap QEMU, close QMP and the sockets, remove the private directory."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.proc is not None and self.proc.poll() is None:
+                try:
+                    self.proc.kill()
+                except ProcessLookupError:
+                    pass
+            if self.proc is not None:
+                try:
+                    self.exit_code = self.proc.wait() if self.exit_code is None else self.exit_code
+                except Exception:
+                    pass
+            if self.qmp_client is not None:
+                try:
+                    self.qmp_client.close()
+                except Exception:
+                    pass
+                self.qmp_client = None
+            for sock in [self._dbg, self._qmp_sock, *self._listeners.values()]:
+                if sock is not None:
+                    try:
+                        sock.close()
+                    except OSError:
+                        pass
+            self._dbg = self._qmp_sock = None
+            self._listeners.clear()
+            if self._pidfd is not None:
+                os.close(self._pidfd)
+                self._pidfd = None
+            if self._stderr_file is not None:
+                self._stderr_file.close()
+            self._save_artifacts()
+        finally:
+            if self.memory is not None and not self.memory.closed:
+                try:
+                    self.memory.close()
+                except BufferError:
+                    pass
+            if self._ram_fd is not None:
+                os.close(self._ram_fd)
+                self._ram_fd = None
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            _LIVE.discard(self)
+
+    def __enter__(self) -> "Machine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else f"exited {self.exit_code}"
+        return f"<Machine {self.label} pid {self.pid} {state} {self.workdir}>"
+
+
+def describe_exit(code: int | None) -> str:
+    """What a QEMU exit status means for our guests."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        return f"killed by signal {-code}"
+    if code == 0:
+        return "the guest reset or triple-faulted (-no-reboot), or QEMU quit"
+    if code == 1:
+        return "QEMU error, or isa-debug-exit status 0"
+    if code & 1:
+        return f"isa-debug-exit status {code >> 1}"
+    return "QEMU error"
+

@@ -1,0 +1,189 @@
+"""Run scenario cases by id (`kvm-ymm-import`) without pytest.
+
+The remote agent and the avocado tests run cases through this module; the pytest plugin's
+`apx_case` fixture makes the same decisions through pytest.skip / pytest.fail:
+  - the backend cannot run the bank here -> "skip", reason `<id>: <why>`; for the apx bank
+    the skip is one that lab mode (--apx-require) turns into a failure (`require_applies`);
+  - the payload cannot be built -> "fail" `<id>: <GuestBuildError>`;
+  - ScenarioFailure -> "fail", one line per finding, the first prefixed with `<id>: `;
+  - BackendError -> "fail" `<id>: <error>`;
+  - anything else -> "fail" `<id>: <Type>: <message>` with the traceback kept aside.
+The messages are those of a local run, so a remote outcome reads exactly like a local one.
+
+Only the standard library and apx_tests: the agent runs on hosts without pytest.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+from ..backend import BackendError
+from ..guests.build import GuestBuildError, build_payload
+from ..probe import BANK_ORDER
+from ..scenarios import SCENARIOS, Run, ScenarioFailure
+from ..xsave import BANKS
+
+RUNNABLE_BACKENDS = ("kvm",)  # what a case runner can open without pytest
+OUTCOMES = ("pass", "fail", "skip")
+
+
+class CaseIdError(ValueError):
+    """Not a case id this tree knows; str() is one line."""
+
+
+@dataclass(frozen=True)
+class CaseId:
+    backend: str
+    bank: str
+    scenario: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.backend}-{self.bank}-{self.scenario}"
+
+    @classmethod
+    def parse(cls, text: str) -> "CaseId":
+        parts = text.split("-")
+        if len(parts) != 3:
+            raise CaseIdError(f"{text!r} is not a case id (BACKEND-BANK-SCENARIO, e.g. kvm-ymm-import)")
+        backend, bank, scenario = parts
+        if backend not in RUNNABLE_BACKENDS:
+            raise CaseIdError(f"{text}: backend {backend!r} cannot run here (only {', '.join(RUNNABLE_BACKENDS)})")
+        if bank not in BANK_ORDER:
+            raise CaseIdError(f"{text}: unknown bank {bank!r} (known: {', '.join(BANK_ORDER)})")
+        if scenario not in SCENARIOS:
+            raise CaseIdError(f"{text}: unknown scenario {scenario!r} (known: {', '.join(SCENARIOS)})")
+        # Whether the scenario applies to this bank and backend was decided where the case
+        # was chosen (the plugin's scenario_cases, or case_ids below): a runner runs what it
+        # is asked, so the remote end never second-guesses the local tree's catalogue.
+        return cls(backend, bank, scenario)
+
+
+def backend_features(backend: str) -> frozenset[str]:
+    """The Session features the plugin declares for `backend` (apx_tests.plugin
+    BACKEND_FEATURES, the list the pytest cases come from); without pytest (a bare remote
+    host) the backend's own KvmSession.features."""
+    try:
+        from ..plugin import BACKEND_FEATURES
+    except ImportError:
+        BACKEND_FEATURES = {}
+    if backend in BACKEND_FEATURES:
+        return BACKEND_FEATURES[backend]
+    if backend == "kvm":
+        from ..kvm.backend import KvmSession
+        return KvmSession.features
+    return frozenset()
+
+
+def case_ids(backend: str = "kvm") -> list[str]:
+    """Every case of `backend`, in the pytest plugin's order (banks, then scenarios)."""
+    features = backend_features(backend)
+    return [f"{backend}-{bank}-{name}" for bank in BANK_ORDER for name, scenario in SCENARIOS.items()
+            if scenario.requires <= features and scenario.applies_to(bank)]
+
+
+@dataclass
+class CaseResult:
+    id: str
+    outcome: str                      # pass | fail | skip
+    lines: list[str] = field(default_factory=list)
+    duration: float = 0.0
+    require_applies: bool = False     # a skip that --apx-require turns into a failure
+    traceback: str | None = None      # only for an unexpected exception
+    facts: dict = field(default_factory=dict)
+
+    @property
+    def message(self) -> str:
+        return "\n".join(self.lines)
+
+    def to_json(self) -> dict:
+        return {"kind": "case", **asdict(self)}
+
+    @classmethod
+    def from_json(cls, record: dict) -> "CaseResult":
+        names = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in record.items() if k in names})
+
+
+class CaseRunner:
+    """Opens each backend once (lazily), runs cases one by one, closes everything."""
+
+    def __init__(self, payload: Callable[[str], bytes] | None = None):
+        self.payload = payload or (lambda bank: build_payload(bank).code)
+        self._backends: dict[str, object] = {}
+        self._errors: dict[str, str] = {}
+
+    def backend(self, name: str):
+        """(backend, None) or (None, reason), the reason as the plugin words it."""
+        if name not in self._backends and name not in self._errors:
+            try:
+                from ..kvm.backend import KvmBackend, KvmHost
+                self._backends[name] = KvmBackend(KvmHost())
+            except OSError as exc:
+                self._errors[name] = f"{name} backend unavailable: {exc.strerror or exc}"
+        return self._backends.get(name), self._errors.get(name)
+
+    def facts(self, case: CaseId, unavailable: str | None) -> dict:
+        backend, _ = self.backend(case.backend)
+        host = getattr(backend, "host", None)
+        facts = {"backend": case.backend, "bank": case.bank, "unavailable": unavailable}
+        if host is not None:
+            facts["kvm_supported_xcr0"] = f"{host.supported_xcr0:#x}"
+            facts["kvm_xsave2_size"] = host.xsave2_size
+            facts["kvm_apx_cpuid"] = host.apx_cpu
+        return facts
+
+    def unavailable(self, case: CaseId) -> str | None:
+        backend, error = self.backend(case.backend)
+        return error or backend.unavailable_reason(BANKS[case.bank])
+
+    def run(self, case_id: str) -> CaseResult:
+        start = time.monotonic()
+        result = self._run(case_id)
+        result.duration = round(time.monotonic() - start, 6)
+        return result
+
+    def _run(self, case_id: str) -> CaseResult:
+        try:
+            case = CaseId.parse(case_id)
+        except CaseIdError as exc:
+            return CaseResult(case_id, "fail", [str(exc)])
+        try:
+            unavailable = self.unavailable(case)
+            facts = self.facts(case, unavailable)
+            if unavailable:
+                return CaseResult(case_id, "skip", [f"{case_id}: {unavailable}"],
+                                  require_applies=case.bank == "apx", facts=facts)
+            try:
+                payload = self.payload(case.bank)
+            except GuestBuildError as exc:
+                return CaseResult(case_id, "fail", [f"{case_id}: {exc}"], facts=facts)
+            backend, _ = self.backend(case.backend)
+            try:
+                with Run(backend, BANKS[case.bank], payload) as run:
+                    SCENARIOS[case.scenario].run(run)
+            except ScenarioFailure as failure:
+                lines = list(failure.lines) or [""]
+                return CaseResult(case_id, "fail", [f"{case_id}: {lines[0]}", *lines[1:]], facts=facts)
+            except BackendError as exc:
+                return CaseResult(case_id, "fail", [f"{case_id}: {exc}"], facts=facts)
+            return CaseResult(case_id, "pass", [], facts=facts)
+        except Exception as exc:  # a bug, reported as one line with the traceback aside
+            return CaseResult(case_id, "fail", [f"{case_id}: {type(exc).__name__}: {exc}"],
+                              traceback=traceback.format_exc())
+
+    def close(self) -> None:
+        for backend in self._backends.values():
+            host = getattr(backend, "host", None)
+            if host is not None:
+                host.close()
+        self._backends.clear()
+
+    def __enter__(self) -> "CaseRunner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,474 @@
+"""One remote host: connect (paramiko, host key checked), upload the bundle into a private
+temp dir, run the agent, collect its JSON lines, clean up.
+
+Every failure is a RemoteError whose str() is one line naming the host and the phase:
+
+    apx-host root@10.0.0.5:22: connect: connection refused
+    apx-host root@10.0.0.5:22: host key not in known_hosts (connect: ...)
+    apx-host root@10.0.0.5:22: upload: SFTP unavailable: ...
+    apx-host root@10.0.0.5:22: run: no result for kvm-ymm-import within 300 s
+    apx-host root@10.0.0.5:22: collect: connection lost before kvm-ymm-import was reported
+
+Nothing is left behind on the remote host: the agent runs as the leader of its own process
+group (sshd starts each session with setsid) and removes its directory when it exits;
+close() kills that group (TERM, then KILL) and removes the directory again; if the
+connection is gone by then, the agent still exits on its own when sshd closes its stdin.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import logging
+import os
+import shlex
+import socket
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .bundle import BUNDLE_NAME, Bundle
+from .caserun import CaseResult
+from .hosts import HostSpec
+
+PHASES = ("connect", "upload", "run", "collect")
+PID_MARKER = "apx-agent-pid"
+REMOTE_DIR_PREFIX = "apx-remote."
+
+
+class RemoteError(RuntimeError):
+    """A remote host could not do its part; str() is one line naming host and phase."""
+
+    def __init__(self, host: HostSpec, phase: str, message: str, *, text: str | None = None):
+        self.host = host
+        self.phase = phase
+        self.reason = " ".join(str(message).split())
+        line = text or f"apx-host {host.label}: {phase}: {self.reason}"
+        super().__init__(" ".join(line.split()))
+
+
+@dataclass
+class SshOptions:
+    known_hosts: str | None = None      # None: ~/.ssh/known_hosts
+    insecure: bool = False              # accept any host key (paramiko WarningPolicy)
+    key_filename: str | None = None     # private key; the ssh agent is tried as well
+    connect_timeout: float = 15.0       # TCP connect, SSH banner, auth, each command
+    run_timeout: float = 300.0          # longest silence from the agent while a case runs
+    python: str = "python3"             # the remote interpreter (a command, may have args)
+
+    @property
+    def known_hosts_path(self) -> str:
+        return os.path.expanduser(self.known_hosts or "~/.ssh/known_hosts")
+
+
+def _fingerprint(key) -> str:
+    try:
+        return f"{key.get_name()} {key.fingerprint}"
+    except Exception:
+        return key.get_name()
+
+
+class _UnknownHostKey(Exception):
+    def __init__(self, hostname: str, key):
+        super().__init__(hostname)
+        self.hostname = hostname
+        self.key = key
+
+
+def _reject_policy():
+    import paramiko
+
+    class RejectUnknown(paramiko.MissingHostKeyPolicy):
+        """paramiko's RejectPolicy, but keeping the offered key for the message."""
+
+        def missing_host_key(self, client, hostname, key):
+            raise _UnknownHostKey(hostname, key)
+
+    return RejectUnknown()
+
+
+def _quiet_paramiko() -> None:
+    """paramiko logs transport errors with tracebacks; ours say the same in one line."""
+    logger = logging.getLogger("paramiko")
+    if not any(isinstance(h, logging.NullHandler) for h in logger.handlers):
+        logger.addHandler(logging.NullHandler())
+    logger.setLevel(logging.CRITICAL + 1)
+    logger.propagate = False
+
+
+@dataclass
+class Timings:
+    connect: float | None = None
+    upload: float | None = None
+    run: float | None = None      # from launching the agent to its "done" line
+
+    def text(self) -> str:
+        parts = [f"{name} {value:.2f} s" for name, value in
+                 (("connect", self.connect), ("upload", self.upload), ("run", self.run)) if value is not None]
+        return ", ".join(parts) or "not started"
+
+
+@dataclass
+class RemoteHost:
+    spec: HostSpec
+    options: SshOptions
+    bundle: Callable[[], Bundle]
+
+    client: object = None
+    channel: object = None
+    remote_dir: str | None = None
+    agent_pgid: int | None = None
+    hello: dict = field(default_factory=dict)
+    probe_lines: list[str] = field(default_factory=list)
+    probe_facts: dict = field(default_factory=dict)
+    results: dict[str, CaseResult] = field(default_factory=dict)
+    stray: deque = field(default_factory=lambda: deque(maxlen=20))
+    stderr: deque = field(default_factory=lambda: deque(maxlen=50))
+    timings: Timings = field(default_factory=Timings)
+    cases: list[str] = field(default_factory=list)
+    cleanup_note: str | None = None
+
+    def __post_init__(self) -> None:
+        self._cond = threading.Condition()
+        self._started = threading.Event()
+        self._start_error: RemoteError | None = None
+        self._broken: RemoteError | None = None
+        self._reader_done = False
+        self._done_record: dict | None = None
+        self._last_progress = time.monotonic()
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+        self._close_done = threading.Event()
+        self._launched_at: float | None = None
+
+    @property
+    def label(self) -> str:
+        return self.spec.label
+
+    def error(self, phase: str, message: str, **kw) -> RemoteError:
+        return RemoteError(self.spec, phase, message, **kw)
+
+    # --- start: connect, upload, launch ------------------------------------------------
+    def start_async(self, case_ids: list[str]) -> None:
+        self.cases = list(case_ids)
+        thread = threading.Thread(target=self._start, name=f"apx-remote-start {self.label}", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _start(self) -> None:
+        try:
+            self.connect()
+            self.upload()
+            if self._closed:
+                raise self.error("run", "the session ended before the agent was started")
+            self.launch()
+        except RemoteError as exc:
+            self._start_error = exc
+        except Exception as exc:  # a bug here must still be one line, and not hang the items
+            self._start_error = self.error("connect" if self.client is None else "run",
+                                           f"{type(exc).__name__}: {exc}")
+        finally:
+            self._started.set()
+
+    @property
+    def start_error(self) -> RemoteError | None:
+        return self._start_error if self._started.is_set() else None
+
+    def wait_started(self) -> None:
+        """Block until connect/upload/launch finished; raise their error (every time)."""
+        self._started.wait()
+        if self._start_error is not None:
+            raise self._start_error
+
+    def connect(self) -> None:
+        import paramiko
+        _quiet_paramiko()
+        opts, spec = self.options, self.spec
+        began = time.monotonic()
+        client = paramiko.SSHClient()
+        if opts.insecure:
+            client.set_missing_host_key_policy(paramiko.WarningPolicy())
+        else:
+            path = opts.known_hosts_path
+            if os.path.isfile(path):
+                try:
+                    client.load_system_host_keys(path)  # "system": never written back
+                except (OSError, paramiko.SSHException) as exc:
+                    raise self.error("connect", f"cannot read known_hosts {path}: {exc}") from None
+            client.set_missing_host_key_policy(_reject_policy())
+        try:
+            client.connect(spec.host, spec.port, username=spec.user,
+                           key_filename=opts.key_filename, allow_agent=True,
+                           look_for_keys=opts.key_filename is None,
+                           timeout=opts.connect_timeout, banner_timeout=opts.connect_timeout,
+                           auth_timeout=opts.connect_timeout, channel_timeout=opts.connect_timeout)
+        except BaseException as exc:
+            client.close()
+            raise self._connect_error(exc) from None
+        transport = client.get_transport()
+        transport.set_keepalive(15)
+        self.client = client
+        self.timings.connect = time.monotonic() - began
+
+    def _connect_error(self, exc: BaseException) -> RemoteError:
+        import paramiko
+        opts, spec = self.options, self.spec
+        path = opts.known_hosts_path
+        if isinstance(exc, _UnknownHostKey):
+            where = f"no entry for {spec.known_hosts_name} in {path}" if os.path.isfile(path) else f"{path} does not exist"
+            return self.error("connect", "", text=(
+                f"apx-host {self.label}: host key not in known_hosts (connect: {where}; the server offers "
+                f"{_fingerprint(exc.key)}; check it and add it, e.g. with ssh-keyscan, or pass --apx-host-insecure)"))
+        if isinstance(exc, paramiko.BadHostKeyException):
+            return self.error("connect", "", text=(
+                f"apx-host {self.label}: host key not in known_hosts (connect: {path} lists "
+                f"{_fingerprint(exc.expected_key)} for {spec.known_hosts_name}, the server offers "
+                f"{_fingerprint(exc.key)}: the host key changed or someone is in between)"))
+        if isinstance(exc, paramiko.ssh_exception.NoValidConnectionsError):
+            codes = {getattr(e, "errno", None) for e in exc.errors.values()}
+            if codes == {errno.ECONNREFUSED}:
+                return self.error("connect", f"connection refused ({spec.host} port {spec.port})")
+            return self.error("connect", f"cannot reach {spec.host} port {spec.port}: "
+                              + "; ".join(os.strerror(c) if c else "error" for c in codes))
+        if isinstance(exc, (socket.timeout, TimeoutError)):
+            return self.error("connect", f"timed out after {opts.connect_timeout:g} s")
+        if isinstance(exc, paramiko.AuthenticationException):
+            tried = ([f"key {opts.key_filename}"] if opts.key_filename else ["~/.ssh/id_* keys"]) + ["the ssh agent"]
+            return self.error("connect", f"authentication as {spec.user} failed ({str(exc).rstrip('.')}; tried {', '.join(tried)})")
+        if isinstance(exc, socket.gaierror):
+            return self.error("connect", f"cannot resolve {spec.host}: {exc.strerror}")
+        if isinstance(exc, OSError):
+            return self.error("connect", exc.strerror or str(exc))
+        if isinstance(exc, paramiko.SSHException):
+            text = str(exc)
+            if "timeout" in text.lower() or "banner" in text.lower():
+                return self.error("connect", f"{text} (after {opts.connect_timeout:g} s)")
+            return self.error("connect", text)
+        if isinstance(exc, Exception):
+            return self.error("connect", f"{type(exc).__name__}: {exc}")
+        raise exc  # KeyboardInterrupt and friends
+
+    def _exec(self, command: str, phase: str, timeout: float | None = None) -> tuple[int, str, str]:
+        """Run a short command; (exit status, stdout, stderr)."""
+        timeout = timeout or self.options.connect_timeout
+        try:
+            channel = self.client.get_transport().open_session(timeout=timeout)
+            channel.settimeout(timeout)
+            channel.exec_command(command)
+            out, err = io.BytesIO(), io.BytesIO()
+            while True:
+                data = channel.recv(65536)
+                if not data:
+                    break
+                out.write(data)
+            while channel.recv_stderr_ready():
+                err.write(channel.recv_stderr(65536))
+            status = channel.recv_exit_status()
+            channel.close()
+        except (socket.timeout, TimeoutError):
+            raise self.error(phase, f"`{command.split()[0]}` took longer than {timeout:g} s") from None
+        except Exception as exc:
+            raise self.error(phase, f"{type(exc).__name__}: {exc}") from None
+        return status, out.getvalue().decode(errors="replace"), err.getvalue().decode(errors="replace")
+
+    def upload(self) -> None:
+        began = time.monotonic()
+        status, out, err = self._exec(f'mktemp -d "${{TMPDIR:-/tmp}}/{REMOTE_DIR_PREFIX}XXXXXXXX"', "upload")
+        path = out.strip()
+        if status != 0 or not path.startswith("/") or "\n" in path:
+            raise self.error("upload", f"mktemp -d failed (status {status}): {err.strip() or out.strip()}")
+        self.remote_dir = path
+        try:
+            bundle = self.bundle()
+        except Exception as exc:
+            raise self.error("upload", f"cannot build the bundle here: {type(exc).__name__}: {exc}") from None
+        try:
+            sftp = self.client.open_sftp()
+        except Exception as exc:
+            raise self.error("upload", f"SFTP unavailable: {exc}") from None
+        try:
+            sftp.get_channel().settimeout(self.options.connect_timeout)
+            sftp.putfo(io.BytesIO(bundle.data), f"{path}/{BUNDLE_NAME}", file_size=len(bundle.data), confirm=True)
+        except (socket.timeout, TimeoutError):
+            raise self.error("upload", f"SFTP put took longer than {self.options.connect_timeout:g} s") from None
+        except Exception as exc:
+            raise self.error("upload", f"SFTP put {path}/{BUNDLE_NAME}: {exc}") from None
+        finally:
+            sftp.close()
+        self.timings.upload = time.monotonic() - began
+
+    def command(self) -> str:
+        q = shlex.quote
+        python = " ".join(q(word) for word in shlex.split(self.options.python))
+        directory = q(self.remote_dir)
+        return (f"cd {directory} && echo {PID_MARKER} $$ && exec {python} -E -s {directory}/{BUNDLE_NAME} "
+                f"run-remote --json --watch-stdin --workdir {directory} --cases {q(','.join(self.cases))}")
+
+    def launch(self) -> None:
+        try:
+            channel = self.client.get_transport().open_session(timeout=self.options.connect_timeout)
+            channel.exec_command(self.command())
+        except Exception as exc:
+            raise self.error("run", f"cannot start the agent: {exc}") from None
+        self.channel = channel
+        self._launched_at = self._last_progress = time.monotonic()
+        for target, name in ((self._read_stdout, "stdout"), (self._read_stderr, "stderr")):
+            thread = threading.Thread(target=target, name=f"apx-remote-{name} {self.label}", daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    # --- collect -------------------------------------------------------------------------
+    def _read_stdout(self) -> None:
+        try:
+            for raw in self.channel.makefile("rb"):
+                self._line(raw.decode(errors="replace").rstrip("\r\n"))
+        except Exception as exc:
+            with self._cond:
+                self.stray.append(f"(reading stopped: {type(exc).__name__}: {exc})")
+        finally:
+            with self._cond:
+                self._reader_done = True
+                self._cond.notify_all()
+
+    def _read_stderr(self) -> None:
+        try:
+            for raw in self.channel.makefile_stderr("rb"):
+                line = raw.decode(errors="replace").rstrip("\r\n")
+                if line.strip():
+                    self.stderr.append(line)
+        except Exception:
+            pass
+
+    def _line(self, line: str) -> None:
+        with self._cond:
+            self._last_progress = time.monotonic()
+            if line.startswith(PID_MARKER + " "):
+                try:
+                    self.agent_pgid = int(line.split()[1])
+                except ValueError:
+                    self.stray.append(line)
+                return
+            try:
+                record = json.loads(line)
+                kind = record["kind"]
+            except (ValueError, KeyError, TypeError):
+                if line.strip():
+                    self.stray.append(line)
+                return
+            if kind == "case":
+                result = CaseResult.from_json(record)
+                self.results[result.id] = result
+            elif kind == "hello":
+                self.hello = record
+            elif kind == "probe":
+                self.probe_lines = list(record.get("lines", []))
+                self.probe_facts = record.get("facts", {})
+            elif kind == "done":
+                self._done_record = record
+                if self._launched_at is not None:
+                    self.timings.run = time.monotonic() - self._launched_at
+            self._cond.notify_all()
+
+    def result(self, case_id: str) -> CaseResult:
+        """The case's result, waiting as long as the agent makes progress."""
+        self.wait_started()
+        timeout = self.options.run_timeout
+        with self._cond:
+            while case_id not in self.results:
+                if self._broken is not None:
+                    raise self.error(self._broken.phase,
+                                     f"no result for {case_id}: the agent was stopped after {self._broken.reason}")
+                if self._reader_done:
+                    raise self._ended_without(case_id)
+                remaining = self._last_progress + timeout - time.monotonic()
+                if remaining <= 0:
+                    self._broken = self.error("run", f"no result for {case_id} within {timeout:g} s")
+                    break
+                self._cond.wait(remaining)
+            else:
+                return self.results[case_id]
+        self.close()  # stop the silent agent now; the remaining cases fail fast
+        raise self._broken
+
+    def _ended_without(self, case_id: str) -> RemoteError:
+        """The agent's output ended before `case_id` was reported: say why, in one line."""
+        channel = self.channel
+        deadline = time.monotonic() + 2
+        while not channel.exit_status_ready() and not channel.closed and time.monotonic() < deadline:
+            time.sleep(0.02)
+        last_err = self.stderr[-1].strip() if self.stderr else ""
+        status = channel.recv_exit_status() if channel.exit_status_ready() else -1
+        if status != -1:  # -1: the channel closed without an exit status (paramiko)
+            if status == 0 and self._done_record is not None:
+                return self.error("collect", f"the agent finished without reporting {case_id}")
+            detail = f": {last_err}" if last_err else ""
+            return self.error("run", f"the agent exited with status {status} before reporting {case_id}{detail}")
+        transport = self.client.get_transport() if self.client else None
+        why = transport.get_exception() if transport is not None else None
+        detail = f" ({why})" if why else ""
+        return self.error("collect", f"connection lost before {case_id} was reported{detail}")
+
+    # --- the end ---------------------------------------------------------------------------
+    def close(self) -> None:
+        """Kill the agent's process group, remove the remote directory, disconnect.
+        Idempotent; never raises (what it could not do goes to `cleanup_note`)."""
+        with self._cond:
+            closing = self._closed
+            self._closed = True
+        if closing:  # another thread closes: wait for it, so the caller may exit after us
+            self._close_done.wait(timeout=60)
+            return
+        try:
+            self._close()
+        finally:
+            self._close_done.set()
+
+    def _close(self) -> None:
+        if self._threads and not self._started.is_set():
+            # Still connecting or uploading (e.g. Ctrl-C early): let that finish (each step has
+            # its timeout) so what it creates remotely is cleaned up below, not after us.
+            self._started.wait(timeout=self.options.connect_timeout * 4 + 5)
+        if self.client is not None and self.remote_dir:
+            pgid = self.agent_pgid or 0
+            q = shlex.quote
+            script = (
+                f"d={q(self.remote_dir)}; p={pgid}; "
+                'if [ "$p" -gt 1 ] && kill -0 -- "-$p" 2>/dev/null; then '
+                'kill -TERM -- "-$p" 2>/dev/null; i=0; '
+                'while [ $i -lt 30 ] && kill -0 -- "-$p" 2>/dev/null; do sleep 0.1; i=$((i+1)); done; '
+                'kill -KILL -- "-$p" 2>/dev/null; fi; '
+                'case "$d" in */' + REMOTE_DIR_PREFIX + '*) rm -rf -- "$d";; esac; '
+                'test ! -e "$d"'
+            )
+            try:
+                transport = self.client.get_transport()
+                if transport is None or not transport.is_active():
+                    raise self.error("collect", "connection already closed")
+                status, _, err = self._exec(script, "collect", timeout=max(self.options.connect_timeout, 10))
+                if status != 0:
+                    self.cleanup_note = f"remote cleanup of {self.remote_dir} failed: {err.strip() or status}"
+            except RemoteError as exc:
+                self.cleanup_note = (f"remote cleanup not confirmed ({exc.reason}); the agent exits by itself "
+                                     f"when its stdin closes and removes {self.remote_dir}")
+        if self.channel is not None:
+            try:
+                self.channel.close()
+            except Exception:
+                pass
+        if self.client is not None:
+            try:
+                self.client.close()
+            except Exception:
+                pass
+        with self._cond:
+            self._reader_done = True
+            self._cond.notify_all()
+
+    def counts(self) -> dict[str, int]:
+        counts = {"pass": 0, "fail": 0, "skip": 0}
+        for result in self.results.values():
+            counts[result.outcome] = counts.get(result.outcome, 0) + 1
+        return counts
