@@ -55,7 +55,13 @@ class Session(abc.ABC):
     def export(self) -> XsaveImage: ...
 
     def observers(self) -> dict[str, Callable[[], XsaveImage]]:
+        """Observers that yield a whole XSAVE image (the default: export())."""
         return {"export": self.export}
+
+    def views(self) -> dict[str, Callable[[], dict[str, bytes]]]:
+        """Partial observers (a debugger, a monitor): register name -> raw little-endian
+        bytes for what they can see, possibly under a narrower name (xmm3 of ymm3)."""
+        return {}
 
     @abc.abstractmethod
     def import_image(self, image: XsaveImage) -> None: ...

@@ -17,15 +17,10 @@ from typing import Any, NoReturn
 
 import pytest
 
-from .backend import BackendError
-from .guests.build import GuestBuildError, build_payload
-from .probe import BANK_ORDER, Probe, probe
-from .qemu.backend import FEATURES as QEMU_FEATURES
-from .scenarios import SCENARIOS, Run, ScenarioFailure
-from .xsave import BANKS
+from .cases import CaseId, CaseResult, CaseRunner, cases, expand_backends
+from .probe import Probe, probe
 
-BACKENDS = ("kvm", "qemu")
-BACKEND_CHOICES = BACKENDS + ("all",)
+BACKEND_CHOICES = ("kvm", "qemu", "qemu-kvm", "qemu-tcg", "all")
 MARKER = "apx: scenarios over XSAVE register banks (APX R16-R31 and the stand-in banks)"
 
 _probe_key = pytest.StashKey[Probe]()
@@ -38,9 +33,10 @@ pytest_plugins = ["apx_tests.remote.pytest_remote"]
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("apx", "apx_tests: x86 extended state through KVM and QEMU")
     group.addoption("--apx-backend", action="append", choices=BACKEND_CHOICES, default=None,
-                    dest="apx_backend", metavar="{kvm,qemu,all}",
-                    help="backend(s) to run scenarios on; repeat for several (default: all, "
-                         "or the apx_backend ini value)")
+                    dest="apx_backend", metavar="{kvm,qemu,qemu-kvm,qemu-tcg,all}",
+                    help="backend(s) to run scenarios on: kvm (the embedded VMM), qemu (QEMU "
+                         "with KVM and with TCG); repeat for several (default: all, or the "
+                         "apx_backend ini value)")
     group.addoption("--apx-require", action="store_true", default=None, dest="apx_require",
                     help="lab mode: a scenario that cannot run here fails instead of skipping")
     group.addoption("--apx-qemu", metavar="PATH", default=None, dest="apx_qemu",
@@ -77,11 +73,9 @@ def apx_require(config: pytest.Config) -> bool:
 
 
 def apx_backends(config: pytest.Config) -> tuple[str, ...]:
-    """The selected backends, 'all' expanded, in BACKENDS order."""
+    """The selected backends, as concrete backend names (kvm, qemu-kvm, qemu-tcg)."""
     chosen = config.getoption("apx_backend") or config.getini("apx_backend") or ["all"]
-    if "all" in chosen:
-        return BACKENDS
-    return tuple(b for b in BACKENDS if b in chosen)
+    return expand_backends(chosen)
 
 
 def apx_qemu(config: pytest.Config) -> str | None:
@@ -165,125 +159,47 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
 
 
 # --- scenarios: bank x backend x scenario ---------------------------------------------------
+# Which cases exist and how one is run and judged live in apx_tests.cases (shared with the
+# remote agent and avocado); here they only become pytest items and outcomes.
 
-@dataclass(frozen=True)
-class ScenarioCase:
-    """One generated test: a scenario on a bank through a backend (id `kvm-ymm-import`)."""
-    backend: str
-    bank: str
-    scenario: str
-
-    @property
-    def id(self) -> str:
-        return f"{self.backend}-{self.bank}-{self.scenario}"
-
-
-def scenario_cases(config: pytest.Config) -> list[ScenarioCase]:
-    cases = []
-    for backend in (b for choice in apx_backends(config) for b in BACKEND_GROUPS.get(choice, (choice,))):
-        if backend not in BACKEND_FACTORIES:
-            continue
-        for bank in BANK_ORDER:
-            for name, scenario in SCENARIOS.items():
-                if scenario.requires <= BACKEND_FEATURES[backend] and scenario.applies_to(bank):
-                    cases.append(ScenarioCase(backend, bank, name))
-    return cases
-
-
-def _kvm_backend(config: pytest.Config):
-    from .kvm.backend import KvmBackend, KvmHost
-    return KvmBackend(KvmHost())
-
-
-def _qemu_backend(accel: str):
-    def factory(config: pytest.Config):
-        from .qemu.backend import QemuBackend
-        return QemuBackend(accel, qemu=apx_qemu(config))  # QemuUnavailable is an OSError: a skip
-    return factory
-
-
-# Backends that can run scenarios so far, and the Session features each offers.
-# A --apx-backend choice may stand for several backends (qemu: QEMU with KVM and with TCG).
-BACKEND_GROUPS = {"qemu": ("qemu-kvm", "qemu-tcg")}
-BACKEND_FACTORIES = {"kvm": _kvm_backend, "qemu-kvm": _qemu_backend("kvm"), "qemu-tcg": _qemu_backend("tcg")}
-BACKEND_FEATURES = {"kvm": frozenset({"raw_xsave", "legacy_get_xsave", "fresh_vm", "set_xcr0", "xstate_bv_init"}),
-                    "qemu-kvm": QEMU_FEATURES["kvm"], "qemu-tcg": QEMU_FEATURES["tcg"]}
+def scenario_cases(config: pytest.Config) -> list[CaseId]:
+    return cases(apx_backends(config))
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "apx_case" in metafunc.fixturenames:
-        cases = scenario_cases(metafunc.config)
-        metafunc.parametrize("apx_case", cases, ids=[c.id for c in cases], indirect=True)
-
-
-class _Backends:
-    """Backends opened lazily, once per session; an open failure is remembered as the
-    reason every case of that backend skips (or fails with --apx-require)."""
-
-    def __init__(self, config: pytest.Config):
-        self.config = config
-        self.opened: dict[str, Any] = {}
-        self.errors: dict[str, str] = {}
-
-    def get(self, name: str):
-        if name not in self.opened and name not in self.errors:
-            try:
-                self.opened[name] = BACKEND_FACTORIES[name](self.config)
-            except OSError as exc:
-                self.errors[name] = f"{name} backend unavailable: {exc.strerror or exc}"
-        if name in self.errors:
-            return None, self.errors[name]
-        return self.opened[name], None
-
-    def close(self) -> None:
-        for backend in self.opened.values():
-            host = getattr(backend, "host", None)
-            if host is not None:
-                host.close()
-        self.opened.clear()
+        chosen = scenario_cases(metafunc.config)
+        metafunc.parametrize("apx_case", chosen, ids=[c.id for c in chosen], indirect=True)
 
 
 @pytest.fixture(scope="session")
-def apx_backends_cache(pytestconfig: pytest.Config):
-    backends = _Backends(pytestconfig)
-    yield backends
-    backends.close()
+def apx_case_runner(pytestconfig: pytest.Config):
+    """One CaseRunner per session: each backend is opened once, closed at the end."""
+    with CaseRunner(qemu=apx_qemu(pytestconfig), artifacts=apx_artifacts(pytestconfig)) as runner:
+        yield runner
 
 
 @pytest.fixture
-def apx_case(request: pytest.FixtureRequest, apx_backends_cache: _Backends):
-    """A scenario case: `apx_case.execute()` runs it and fails with one line per finding.
-    The skip (or, for the apx bank under --apx-require, the failure) when this host cannot
-    run it happens in the test itself, so it is reported as the test's outcome."""
-    case: ScenarioCase = request.param
-    backend, error = apx_backends_cache.get(case.backend)
-    bank = BANKS[case.bank]
-    return _Execution(case, backend, bank, request.config,
-                      error or backend.unavailable_reason(bank))
+def apx_case(request: pytest.FixtureRequest, apx_case_runner: CaseRunner):
+    """A scenario case: `apx_case.execute()` runs it; the outcome becomes the test's: a
+    skip with the reason (a failure under --apx-require for the apx bank), or a failure
+    with one line per finding."""
+    return _Execution(request.param, apx_case_runner, request.config)
 
 
 @dataclass
 class _Execution:
-    case: ScenarioCase
-    backend: Any
-    bank: Any
+    case: CaseId
+    runner: CaseRunner
     config: pytest.Config
-    unavailable: str | None
 
-    def execute(self) -> None:
-        if self.unavailable:
-            if self.case.bank == "apx":
-                apx_skip_or_fail(f"{self.case.id}: {self.unavailable}", self.config)
-            pytest.skip(f"{self.case.id}: {self.unavailable}")
-        try:
-            payload = build_payload(self.case.bank).code
-        except GuestBuildError as exc:
-            pytest.fail(f"{self.case.id}: {exc}", pytrace=False)
-        scenario = SCENARIOS[self.case.scenario]
-        try:
-            with Run(self.backend, self.bank, payload) as run:
-                scenario.run(run)
-        except ScenarioFailure as failure:
-            pytest.fail(f"{self.case.id}: " + "\n".join(failure.lines), pytrace=False)
-        except BackendError as exc:
-            pytest.fail(f"{self.case.id}: {exc}", pytrace=False)
+    def execute(self) -> CaseResult:
+        result = self.runner.run(self.case.id)
+        if result.outcome == "skip":
+            if result.require_applies:
+                apx_skip_or_fail(result.message, self.config)
+            pytest.skip(result.message)
+        if result.outcome == "fail":
+            detail = f"\n{result.traceback}" if result.traceback else ""
+            pytest.fail(result.message + detail, pytrace=False)
+        return result

@@ -1,5 +1,5 @@
 """`avocado run apx:...` for real: the apx resolver plugin turns case ids into
-avocado-instrumented tests that run the same scenarios (apx_tests.remote.caserun); the job
+avocado-instrumented tests that run the same scenarios (apx_tests.cases); the job
 directory has results.json and results.xml with the outcomes pytest would report."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from apx_tests.avocado_plugin.resolver import TEST_FILE, runnables
-from apx_tests.remote.caserun import CaseId, CaseRunner, case_ids
+from apx_tests.cases import CaseId, CaseRunner, case_ids
 
 AVOCADO = str(Path(sys.executable).with_name("avocado"))
 

@@ -85,11 +85,12 @@ def test_no_probe_no_probe_section(pytester):
 
 
 @pytest.mark.parametrize("args, ini, want", [
-    ([], None, ("kvm", "qemu")),
+    ([], None, ("kvm", "qemu-kvm", "qemu-tcg")),
     (["--apx-backend", "kvm"], None, ("kvm",)),
-    (["--apx-backend", "qemu", "--apx-backend", "kvm"], None, ("kvm", "qemu")),
-    ([], "qemu", ("qemu",)),
-    (["--apx-backend", "all"], "qemu", ("kvm", "qemu")),
+    (["--apx-backend", "qemu", "--apx-backend", "kvm"], None, ("kvm", "qemu-kvm", "qemu-tcg")),
+    ([], "qemu", ("qemu-kvm", "qemu-tcg")),
+    (["--apx-backend", "qemu-tcg"], None, ("qemu-tcg",)),
+    (["--apx-backend", "all"], "qemu", ("kvm", "qemu-kvm", "qemu-tcg")),
 ])
 def test_backend_selection(pytester, args, ini, want):
     if ini:

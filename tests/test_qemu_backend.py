@@ -302,3 +302,47 @@ def test_plugin_runs_a_case_and_skips_without_qemu(suite):
     result.assert_outcomes(skipped=4)
     result.stdout.fnmatch_lines(["*qemu-tcg-xmm-export: qemu-tcg backend unavailable: "
                                  "/nonexistent/qemu: not an executable file"])
+
+
+# --- the export scenario uses every observer: whole images and partial views -------------
+
+@pytest.mark.parametrize("bank_name", STAND_INS)
+def test_export_compares_gdb_and_hmp_views(backend, bank_name):
+    bank, code = _runnable(backend, bank_name)
+    with Run(backend, bank, code) as run:
+        SCENARIOS["export"].run(run)
+    notes = {note.split(":")[0]: note for note in run.notes}
+    assert set(notes) == {"gdb", "hmp"}, run.notes
+    n = len(bank.registers)
+    assert notes["hmp"].startswith(f"hmp: {n}/{n}"), notes  # HMP prints every bank register here
+    assert notes["gdb"].startswith(f"gdb: {n}/{n}"), notes  # gdb: xmm0-15 (low half of ymm), st0-7
+
+
+@pytest.mark.parametrize("view_name", ["gdb", "hmp"])
+def test_export_reports_a_view_that_disagrees(backend, view_name, monkeypatch):
+    """A partial observer that sees a wrong byte must fail the scenario, naming the
+    observer, the register and the byte (here: the view's xmm5/ymm5 byte 3 flipped)."""
+    bank, code = _runnable(backend, "ymm")
+    real_views = QemuSession.views
+
+    def corrupted(self):
+        views = real_views(self)
+        honest = views[view_name]
+
+        def lying():
+            view = dict(honest())
+            name = "ymm5" if "ymm5" in view else "xmm5"
+            value = bytearray(view[name])
+            value[3] ^= 0x20
+            view[name] = bytes(value)
+            return view
+        views[view_name] = lying
+        return views
+
+    monkeypatch.setattr(QemuSession, "views", corrupted)
+    with pytest.raises(ScenarioFailure) as failure:
+        with Run(backend, bank, code) as run:
+            SCENARIOS["export"].run(run)
+    first = failure.value.lines[0]
+    assert first.startswith(f"{view_name}: ") and "mm5 byte 3" in first, failure.value.lines
+    assert any(line.startswith(f"{view_name} vs migration: ") for line in failure.value.lines)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from apx_tests.remote.caserun import case_ids
+from apx_tests.cases import case_ids
 from apx_tests.remote.testing import (LocalSshd, free_port, junit_outcomes, keygen, processes_matching,
                                       run_apx_suite, sshd_unavailable_reason)
 

@@ -17,7 +17,7 @@ from apx_tests.guests.build import available_banks
 from apx_tests.plugin import scenario_cases
 from apx_tests.remote.agent import EXIT_ABANDONED
 from apx_tests.remote.bundle import build_bundle
-from apx_tests.remote.caserun import CaseId, CaseIdError, CaseRunner, case_ids
+from apx_tests.cases import CaseId, CaseIdError, CaseRunner, case_ids
 from apx_tests.remote.hosts import HostSpec, HostSpecError, parse_host, parse_hosts
 
 SYSTEM_PYTHON = "/usr/bin/python3"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from apx_tests.remote.caserun import case_ids
+from apx_tests.cases import case_ids
 from apx_tests.remote.testing import LocalSshd, junit_outcomes, processes_matching, run_apx_suite, sshd_unavailable_reason
 
 REPO = Path(__file__).resolve().parents[1]

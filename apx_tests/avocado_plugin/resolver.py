@@ -35,7 +35,7 @@ def _patterns(reference: str) -> list[str] | None:
 
 
 def runnables(patterns: list[str]) -> list[Runnable]:
-    from apx_tests.remote.caserun import CaseId, case_ids
+    from apx_tests.cases import CaseId, case_ids
     out = []
     for case_id in case_ids("kvm"):
         if not any(fnmatch.fnmatchcase(case_id, p) for p in patterns):

@@ -5,7 +5,7 @@ avocado's static loader cannot see them: the `apx` resolver plugin (resolver.py)
 them instead (`avocado run apx:`), and avocado's avocado-instrumented runner imports this
 file and calls the method by name, which works for methods made at run time.
 
-Each method runs its case through apx_tests.remote.caserun.CaseRunner, the pytest-free
+Each method runs its case through apx_tests.cases.CaseRunner, the pytest-free
 runner the remote agent uses, so the outcome and the messages are those of
 `pytest -m apx`:
   - pass -> PASS;
@@ -22,7 +22,7 @@ import os
 from avocado import Test
 from avocado.core.exceptions import TestSkipError
 
-from apx_tests.remote.caserun import CaseId, CaseRunner, case_ids
+from apx_tests.cases import CaseId, CaseRunner, case_ids
 
 TRUE = ("1", "true", "yes", "on")
 

@@ -1,8 +1,7 @@
 """Running the KVM scenarios on other machines, over SSH (and the pieces avocado reuses).
 
 - hosts:         `user@host[:port]` specs (`--apx-host`).
-- caserun:       run scenario cases by id without pytest (the remote agent and the avocado
-                 tests use it; the pytest plugin's `apx_case` makes the same decisions).
+  (Cases themselves, by id, are apx_tests.cases: the plugin, the agent and avocado share it.)
 - bundle:        the zip shipped to a remote host: the apx_tests package, guests/ and the
                  payloads prebuilt here (the remote needs no LLVM).
 - agent:         the remote entry point, `python3 apx.pyz run-remote --cases ... --json`.

@@ -70,9 +70,17 @@ def _remove_workdir() -> None:
         shutil.rmtree(_workdir, ignore_errors=True)
 
 
+_abandon_lock = threading.Lock()
+
+
 def _abandon(code: int) -> None:
     """Leave now: remove the work directory and exit without Python's shutdown (which
-    could try to import from the zip that was just removed)."""
+    could try to import from the zip that was just removed).  The first caller wins: a
+    second one (the main thread failing to import from the vanishing zip while the stdin
+    watchdog is leaving) waits for the first one's exit instead of racing it."""
+    if not _abandon_lock.acquire(blocking=False):
+        while True:
+            time.sleep(3600)
     _remove_workdir()
     try:
         sys.stdout.flush()
@@ -177,7 +185,7 @@ def _run(args: argparse.Namespace, bundle: str | None) -> int:
             _emit({"kind": "probe", "lines": [f"probe failed: {type(exc).__name__}: {exc}"], "facts": {}},
                   args.json)
 
-    from .caserun import CaseRunner
+    from ..cases import CaseRunner
     counts = {"pass": 0, "fail": 0, "skip": 0}
     with CaseRunner(_BundlePayloads(bundle, _workdir)) as runner:
         for case_id in ids:

@@ -24,7 +24,8 @@ import threading
 
 import pytest
 
-from ..plugin import ScenarioCase, apx_skip_or_fail
+from ..cases import CaseId
+from ..plugin import apx_skip_or_fail
 from .hosts import HostSpec, HostSpecError, parse_hosts
 from .ssh import RemoteError, RemoteHost, SshOptions
 
@@ -183,10 +184,10 @@ class Fleet:
 
 # --- collection: KVM cases become remote items -------------------------------------------------
 
-def _kvm_case(item: pytest.Item) -> ScenarioCase | None:
+def _kvm_case(item: pytest.Item) -> CaseId | None:
     callspec = getattr(item, "callspec", None)
     case = callspec.params.get("apx_case") if callspec is not None else None
-    return case if isinstance(case, ScenarioCase) and case.backend == "kvm" else None
+    return case if isinstance(case, CaseId) and case.backend == "kvm" else None
 
 
 @pytest.hookimpl(tryfirst=True)  # before -k/-m deselection, so both apply to the remote items
@@ -225,7 +226,7 @@ def _error_of(call) -> str | None:
 class RemoteCaseItem(pytest.Item):
     """One scenario case run on a remote host; its outcome is the remote outcome."""
 
-    def __init__(self, *, case: ScenarioCase, host: HostSpec, origin: pytest.Item, **kwargs):
+    def __init__(self, *, case: CaseId, host: HostSpec, origin: pytest.Item, **kwargs):
         super().__init__(**kwargs)
         self.case = case
         self.host = host

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .bundle import BUNDLE_NAME, Bundle
-from .caserun import CaseResult
+from ..cases import CaseResult
 from .hosts import HostSpec
 
 PHASES = ("connect", "upload", "run", "collect")

@@ -15,7 +15,7 @@ from ..guests import protocol
 from ..xsave import XsaveImage
 from ..xsave.layout import APX, BNDREGS, LEGACY_FIELDS, PKRU, XTILECFG
 from .engine import (GARBAGE, IMPORTED, LOADED, Run, ScenarioFailure, check_components_present,
-                     check_registers, check_untouched, compare_images, guest_verify, init_readout, load_bank)
+                     check_registers, check_untouched, check_view, compare_images, guest_verify, init_readout, load_bank)
 
 
 @dataclass(frozen=True)
@@ -45,11 +45,21 @@ def export(run: Run) -> None:
     session, baseline = _loaded_session(run)
     expected = run.pattern(LOADED)
     failures = []
+    images = {}
     for name, observe in session.observers().items():
-        image = observe()
+        image = images[name] = observe()
         failures += check_registers(image, expected, what=name)
         failures += check_components_present(image, run.bank, what=name)
         failures += check_untouched(image, baseline, run.bank, what=name)
+    # Partial observers (gdbstub, monitor): against the expected values and against every
+    # whole-image observer, for the registers they can see.
+    for name, observe in session.views().items():
+        view = observe()
+        lines, covered = check_view(view, expected, what=name)
+        failures += lines
+        for other, image in images.items():
+            failures += check_view(view, {n: image.read(n) for n in expected}, what=f"{name} vs {other}")[0]
+        run.notes.append(f"{name}: {covered}/{len(expected)} {run.bank.name} registers visible")
     if "raw_xsave" in session.features:
         size = len(session.export_raw())
         if size != session.owner.host.xsave2_size:

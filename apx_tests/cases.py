@@ -1,7 +1,9 @@
-"""Run scenario cases by id (`kvm-ymm-import`) without pytest.
+"""Scenario cases by id (`kvm-ymm-import`, `qemu-tcg-x87-fresh_vm`): which exist, and
+running one without pytest.
 
-The remote agent and the avocado tests run cases through this module; the pytest plugin's
-`apx_case` fixture makes the same decisions through pytest.skip / pytest.fail:
+The one place that knows the backends (their factories and Session features), which
+scenarios apply to which bank and backend, and how a case's outcome is decided.  The
+pytest plugin, the remote agent and the avocado tests all go through it:
   - the backend cannot run the bank here -> "skip", reason `<id>: <why>`; for the apx bank
     the skip is one that lab mode (--apx-require) turns into a failure (`require_applies`);
   - the payload cannot be built -> "fail" `<id>: <GuestBuildError>`;
@@ -15,19 +17,55 @@ Only the standard library and apx_tests: the agent runs on hosts without pytest.
 
 from __future__ import annotations
 
+import os
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from ..backend import BackendError
-from ..guests.build import GuestBuildError, build_payload
-from ..probe import BANK_ORDER
-from ..scenarios import SCENARIOS, Run, ScenarioFailure
-from ..xsave import BANKS
+from .backend import Backend, BackendError
+from .guests.build import GuestBuildError, build_payload
+from .kvm.backend import KvmSession
+from .probe import BANK_ORDER
+from .qemu.backend import FEATURES as QEMU_FEATURES
+from .scenarios import SCENARIOS, Run, ScenarioFailure
+from .xsave import BANKS
 
-RUNNABLE_BACKENDS = ("kvm",)  # what a case runner can open without pytest
 OUTCOMES = ("pass", "fail", "skip")
+
+# Backend name -> the Session features it offers (what Scenario.requires is checked against).
+BACKEND_FEATURES: dict[str, frozenset[str]] = {
+    "kvm": KvmSession.features,
+    "qemu-kvm": QEMU_FEATURES["kvm"],
+    "qemu-tcg": QEMU_FEATURES["tcg"],
+}
+BACKENDS = tuple(BACKEND_FEATURES)
+# A --apx-backend choice may stand for several backends.
+BACKEND_GROUPS = {"qemu": ("qemu-kvm", "qemu-tcg"), "all": BACKENDS}
+
+
+def expand_backends(choices) -> tuple[str, ...]:
+    """--apx-backend choices ("kvm", "qemu", "all", "qemu-tcg") -> backend names, in order."""
+    chosen = {b for choice in choices for b in BACKEND_GROUPS.get(choice, (choice,))}
+    return tuple(b for b in BACKENDS if b in chosen)
+
+
+def open_backend(name: str, *, qemu: str | None = None, artifacts: str | None = None) -> Backend:
+    """Open backend `name`; OSError (KvmUnavailable, QemuUnavailable) when it cannot be."""
+    if name == "kvm":
+        from .kvm.backend import KvmBackend, KvmHost
+        return KvmBackend(KvmHost())
+    from .qemu.backend import QemuBackend
+    backend = QemuBackend(name.split("-", 1)[1], qemu=qemu)
+    if artifacts:
+        backend.host.artifacts = os.path.join(artifacts, backend.name)
+    return backend
+
+
+def close_backend(backend) -> None:
+    host = getattr(backend, "host", None)
+    if host is not None:
+        host.close()
 
 
 class CaseIdError(ValueError):
@@ -46,43 +84,31 @@ class CaseId:
 
     @classmethod
     def parse(cls, text: str) -> "CaseId":
-        parts = text.split("-")
+        parts = text.rsplit("-", 2)  # backend names have dashes (qemu-tcg); banks do not
         if len(parts) != 3:
             raise CaseIdError(f"{text!r} is not a case id (BACKEND-BANK-SCENARIO, e.g. kvm-ymm-import)")
         backend, bank, scenario = parts
-        if backend not in RUNNABLE_BACKENDS:
-            raise CaseIdError(f"{text}: backend {backend!r} cannot run here (only {', '.join(RUNNABLE_BACKENDS)})")
+        if backend not in BACKENDS:
+            raise CaseIdError(f"{text}: unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
         if bank not in BANK_ORDER:
             raise CaseIdError(f"{text}: unknown bank {bank!r} (known: {', '.join(BANK_ORDER)})")
         if scenario not in SCENARIOS:
             raise CaseIdError(f"{text}: unknown scenario {scenario!r} (known: {', '.join(SCENARIOS)})")
         # Whether the scenario applies to this bank and backend was decided where the case
-        # was chosen (the plugin's scenario_cases, or case_ids below): a runner runs what it
-        # is asked, so the remote end never second-guesses the local tree's catalogue.
+        # was chosen (cases() below): a runner runs what it is asked, so a remote end never
+        # second-guesses the local tree's catalogue.
         return cls(backend, bank, scenario)
 
 
-def backend_features(backend: str) -> frozenset[str]:
-    """The Session features the plugin declares for `backend` (apx_tests.plugin
-    BACKEND_FEATURES, the list the pytest cases come from); without pytest (a bare remote
-    host) the backend's own KvmSession.features."""
-    try:
-        from ..plugin import BACKEND_FEATURES
-    except ImportError:
-        BACKEND_FEATURES = {}
-    if backend in BACKEND_FEATURES:
-        return BACKEND_FEATURES[backend]
-    if backend == "kvm":
-        from ..kvm.backend import KvmSession
-        return KvmSession.features
-    return frozenset()
+def cases(backends=BACKENDS) -> list[CaseId]:
+    """Every case of `backends`: banks, then scenarios, where the scenario applies."""
+    return [CaseId(backend, bank, name) for backend in backends for bank in BANK_ORDER
+            for name, scenario in SCENARIOS.items()
+            if scenario.requires <= BACKEND_FEATURES[backend] and scenario.applies_to(bank)]
 
 
 def case_ids(backend: str = "kvm") -> list[str]:
-    """Every case of `backend`, in the pytest plugin's order (banks, then scenarios)."""
-    features = backend_features(backend)
-    return [f"{backend}-{bank}-{name}" for bank in BANK_ORDER for name, scenario in SCENARIOS.items()
-            if scenario.requires <= features and scenario.applies_to(bank)]
+    return [case.id for case in cases((backend,))]
 
 
 @dataclass
@@ -111,17 +137,18 @@ class CaseResult:
 class CaseRunner:
     """Opens each backend once (lazily), runs cases one by one, closes everything."""
 
-    def __init__(self, payload: Callable[[str], bytes] | None = None):
+    def __init__(self, payload: Callable[[str], bytes] | None = None, *, qemu: str | None = None,
+                 artifacts: str | None = None):
         self.payload = payload or (lambda bank: build_payload(bank).code)
+        self.options = {"qemu": qemu, "artifacts": artifacts}
         self._backends: dict[str, object] = {}
         self._errors: dict[str, str] = {}
 
     def backend(self, name: str):
-        """(backend, None) or (None, reason), the reason as the plugin words it."""
+        """(backend, None) or (None, reason)."""
         if name not in self._backends and name not in self._errors:
             try:
-                from ..kvm.backend import KvmBackend, KvmHost
-                self._backends[name] = KvmBackend(KvmHost())
+                self._backends[name] = open_backend(name, **self.options)
             except OSError as exc:
                 self._errors[name] = f"{name} backend unavailable: {exc.strerror or exc}"
         return self._backends.get(name), self._errors.get(name)
@@ -130,7 +157,7 @@ class CaseRunner:
         backend, _ = self.backend(case.backend)
         host = getattr(backend, "host", None)
         facts = {"backend": case.backend, "bank": case.bank, "unavailable": unavailable}
-        if host is not None:
+        if case.backend == "kvm" and host is not None:
             facts["kvm_supported_xcr0"] = f"{host.supported_xcr0:#x}"
             facts["kvm_xsave2_size"] = host.xsave2_size
             facts["kvm_apx_cpuid"] = host.apx_cpu
@@ -177,9 +204,7 @@ class CaseRunner:
 
     def close(self) -> None:
         for backend in self._backends.values():
-            host = getattr(backend, "host", None)
-            if host is not None:
-                host.close()
+            close_backend(backend)
         self._backends.clear()
 
     def __enter__(self) -> "CaseRunner":
