@@ -346,3 +346,30 @@ def test_export_reports_a_view_that_disagrees(backend, view_name, monkeypatch):
     first = failure.value.lines[0]
     assert first.startswith(f"{view_name}: ") and "mm5 byte 3" in first, failure.value.lines
     assert any(line.startswith(f"{view_name} vs migration: ") for line in failure.value.lines)
+
+
+@pytest.mark.parametrize("bank_name", STAND_INS)
+def test_debugger_import_writes_reach_the_guest(backend, bank_name):
+    bank, code = _runnable(backend, bank_name)
+    with Run(backend, bank, code) as run:
+        SCENARIOS["debugger_import"].run(run)
+    assert run.notes == [f"debugger wrote {len(bank.registers)}/{len(bank.registers)} {bank_name} registers"]
+
+
+def test_debugger_import_catches_a_dropped_write(backend, monkeypatch):
+    """A gdbstub that acknowledges a write but drops it: the guest still holds pattern 1,
+    and the scenario names the register whose write was lost."""
+    bank, code = _runnable(backend, "xmm")
+    real = QemuSession.debugger_write
+
+    def drop_xmm6(self, values):
+        kept = {n: v for n, v in values.items() if n != "xmm6"}
+        written = real(self, kept)
+        written["xmm6"] = values["xmm6"]  # claimed, never sent
+        return written
+
+    monkeypatch.setattr(QemuSession, "debugger_write", drop_xmm6)
+    with pytest.raises(ScenarioFailure) as failure:
+        with Run(backend, bank, code) as run:
+            SCENARIOS["debugger_import"].run(run)
+    assert "xmm xmm6 byte 0" in failure.value.lines[0], failure.value.lines

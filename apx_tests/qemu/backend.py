@@ -43,7 +43,7 @@ from typing import Callable
 
 from ..backend import Backend, BackendError, ImportRejected, Session
 from ..guests import boot, protocol
-from ..xsave import Bank, Layout, XsaveImage
+from ..xsave import Bank, Layout, XsaveImage, narrower_names
 from ..xsave.layout import component_name
 from .machine import (Machine, MachineSpec, QemuError, QemuUnavailable, _private_tmp_root,
                       describe_exit, find_qemu, kvm_usable, temp_prefix)
@@ -56,8 +56,8 @@ VERSION_RE = re.compile(r"QEMU emulator version (\d+)\.(\d+)(?:\.(\d+))?")
 # XSTATE_BV leaves a component clear really loads its init state (KVM_SET_XSAVE does;
 # TCG keeps QEMU's register copies and ignores env.xstate_bv -- see docs/qemu.md).
 FEATURES = {
-    "kvm": frozenset({"fresh_vm", "xstate_bv_init"}),
-    "tcg": frozenset({"fresh_vm"}),
+    "kvm": frozenset({"fresh_vm", "xstate_bv_init", "debugger_write"}),
+    "tcg": frozenset({"fresh_vm", "debugger_write"}),
 }
 
 
@@ -418,14 +418,7 @@ class QemuSession(Session):
         return {"gdb": self.gdb_view, "hmp": self.hmp_view}
 
     def _view_names(self) -> list[str]:
-        names = list(self.bank.names)
-        for n in self.bank.names:
-            m = re.fullmatch(r"(ymm|zmm)(\d+)", n)
-            if m:
-                i = int(m.group(2))
-                names += [f"xmm{i}"] if m.group(1) == "ymm" or i < 16 else []
-                if m.group(1) == "zmm" and i < 16:
-                    names.append(f"ymm{i}")
+        names = [n for reg in self.bank.names for n in (reg, *narrower_names(reg))]
         return list(dict.fromkeys(names))
 
     def hmp_view(self) -> dict[str, bytes]:
@@ -455,6 +448,33 @@ class QemuSession(Session):
         if self.machine.running and self.machine.status() != "running":
             self.machine.cont()
         return regs
+
+    def debugger_write(self, values: dict[str, bytes]) -> dict[str, bytes]:
+        """Write registers through the gdbstub (gdb `P` packets): each bank register under
+        its own name or, where the stub only offers that, its low bytes under a narrower
+        one (QEMU 10: xmmN for ymmN).  Returns {name written: bytes} as the stub took it."""
+        from .gdb import GdbError, GdbSession
+        written = {}
+        with self.clock.timed("gdb"):
+            gdb = GdbSession(self.machine.gdb_socket, timeout=self.host.timeout)
+            try:
+                gdb.connect()
+                offered = set(gdb.register_names())
+                for name, value in values.items():
+                    shown = next((n for n in [name, *narrower_names(name)] if n in offered), None)
+                    if shown is None:
+                        continue
+                    width = len(gdb.read_registers([shown])[shown])
+                    gdb.write_register(shown, value[:width])
+                    written[shown] = value[:width]
+                gdb.detach()
+            except GdbError as exc:
+                raise BackendError(f"{self.where}: gdb write: {exc}") from None
+            finally:
+                gdb.close()
+        if self.machine.running and self.machine.status() != "running":
+            self.machine.cont()
+        return written
 
     def import_image(self, image: XsaveImage) -> None:
         """Patch the bank's registers (raw bytes) and the bank's XSTATE_BV bits of `image`

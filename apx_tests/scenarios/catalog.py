@@ -12,7 +12,7 @@ from typing import Callable
 
 from ..backend import ImportRejected
 from ..guests import protocol
-from ..xsave import XsaveImage
+from ..xsave import XsaveImage, narrower_names
 from ..xsave.layout import APX, BNDREGS, LEGACY_FIELDS, PKRU, XTILECFG
 from .engine import (GARBAGE, IMPORTED, LOADED, Run, ScenarioFailure, check_components_present,
                      check_registers, check_untouched, check_view, compare_images, guest_verify, init_readout, load_bank)
@@ -142,6 +142,27 @@ def xcr0_cycle(run: Run) -> None:
     guest_verify(run, session, run.pattern(LOADED), what=f"after XCR0 {xcr0:#x} -> {without:#x} -> {xcr0:#x}")
 
 
+def debugger_import(run: Run) -> None:
+    """The debugger edit path: with the guest at LOADED, write pattern 2 through the
+    debugger (QEMU's gdbstub) into every bank register it offers (under a narrower name
+    it writes only the low bytes), resume, and the guest must see exactly those bytes
+    changed and the rest still pattern 1."""
+    session, _ = _loaded_session(run)
+    loaded, wanted = run.pattern(LOADED), run.pattern(IMPORTED)
+    written = session.debugger_write(wanted)
+    if not written:
+        raise ScenarioFailure(f"debugger offers none of the {run.bank.name} registers")
+    expected = dict(loaded)
+    for name in run.bank.names:
+        for shown in (name, *narrower_names(name)):
+            if shown in written:
+                width = len(written[shown])
+                expected[name] = wanted[name][:width] + loaded[name][width:]
+                break
+    run.notes.append(f"debugger wrote {len(written)}/{len(run.bank.names)} {run.bank.name} registers")
+    guest_verify(run, session, expected, what="after debugger writes")
+
+
 def _set_legacy_byte(image: XsaveImage, field: str, value: int) -> None:
     offset, _ = LEGACY_FIELDS[field]
     data = bytearray(image.raw_component_bytes(0))
@@ -210,6 +231,8 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              frozenset({"xstate_bv_init"})),
     Scenario("xcr0_cycle", xcr0_cycle, "XCR0 drops the bank's bit and regains it; values survive",
              frozenset({"set_xcr0"}), frozenset({"apx"})),
+    Scenario("debugger_import", debugger_import, "registers written through the gdbstub reach the guest",
+             frozenset({"debugger_write"})),
     Scenario("negative", negative, "invalid imports return EINVAL and lose nothing",
              frozenset({"raw_xsave", "legacy_get_xsave"})),
 )}

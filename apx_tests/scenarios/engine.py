@@ -12,7 +12,7 @@ from typing import Callable
 
 from ..backend import Backend, Session
 from ..guests import protocol
-from ..xsave import Bank, XsaveImage, diff_images, diff_registers
+from ..xsave import Bank, XsaveImage, diff_images, diff_registers, narrower_names
 
 # Patterns per stage: what the guest loads, what the host imports, garbage for init tests.
 LOADED, IMPORTED, GARBAGE = 1, 2, 3
@@ -112,23 +112,13 @@ def compare_images(want: XsaveImage, got: XsaveImage, bank: Bank, *, what: str) 
     return lines
 
 
-def _narrower(name: str) -> list[str]:
-    """Narrower names a partial view may show a register under (its low bytes):
-    zmm0-15 as ymm/xmm, ymm as xmm.  zmm16-31 have no narrower name."""
-    for wide, narrow in (("zmm", ("ymm", "xmm")), ("ymm", ("xmm",))):
-        if name.startswith(wide) and name[len(wide):].isdigit():
-            index = int(name[len(wide):])
-            return [f"{n}{index}" for n in narrow] if index < 16 else []
-    return []
-
-
 def check_view(view: dict[str, bytes], expected: dict[str, bytes], *, what: str) -> tuple[list[str], int]:
     """Compare a partial view with expected values: each register under its own name, or
     the low bytes under a narrower one (gdb on QEMU 10 shows ymm3 only as xmm3).
     Returns (failure lines, how many registers the view covered)."""
     lines, covered = [], 0
     for name, want in expected.items():
-        for shown in [name, *_narrower(name)]:
+        for shown in [name, *narrower_names(name)]:
             if shown in view:
                 covered += 1
                 got = view[shown]

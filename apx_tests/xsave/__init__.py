@@ -4,7 +4,7 @@ Pure data: no I/O, no imports from the rest of apx_tests.  Everything else
 (KVM, QEMU, gdb observers, guest payloads) builds on these names.
 """
 
-from .banks import BANKS, REGISTERS, Bank, Register, Slot, bank, bank_of, register
+from .banks import BANKS, REGISTERS, Bank, Register, Slot, bank, bank_of, narrower_names, register
 from .diff import Difference, diff_images, diff_registers
 from .errors import (
     ApxMpxConflict,
@@ -29,7 +29,7 @@ from .layout import (
 )
 
 __all__ = [
-    "BANKS", "REGISTERS", "Bank", "Register", "Slot", "bank", "bank_of", "register",
+    "BANKS", "REGISTERS", "Bank", "Register", "Slot", "bank", "bank_of", "narrower_names", "register",
     "Difference", "diff_images", "diff_registers",
     "XsaveError", "ImageTooShort", "ReservedHeaderBits", "CompactedInStandard", "UnsupportedComponent",
     "UnknownComponent", "UnknownRegister", "ApxMpxConflict", "MalformedImage", "MalformedLayout",

@@ -310,6 +310,17 @@ del _id, _bank
 REGISTERS: dict[str, Register] = {r.name: r for b in BANKS.values() for r in b.registers}
 
 
+def narrower_names(name: str) -> list[str]:
+    """Names of the same register's low bytes, widest first: zmm0-15 -> ymm, xmm; ymm ->
+    xmm.  A debugger or monitor may show a register only under one of these (QEMU 10's
+    gdbstub has xmm but no ymm); zmm16-31 and other registers have none."""
+    for wide, narrow in (("zmm", ("ymm", "xmm")), ("ymm", ("xmm",))):
+        if name.startswith(wide) and name[len(wide):].isdigit():
+            index = int(name[len(wide):])
+            return [f"{n}{index}" for n in narrow] if index < 16 else []
+    return []
+
+
 def register(name: str) -> Register:
     """Any register by name: ``r20``, ``xmm7``, ``ymm7``, ``zmm7``, ``zmm23``, ``k3``, ``st2``, ``pkru``."""
     try:
