@@ -39,6 +39,7 @@ class Session(abc.ABC):
     bank: Bank
     layout: Layout
     features: frozenset[str] = frozenset()
+    mailbox_gpa: int  # guest-physical address of the mailbox: the payload's %rdi
 
     def __init__(self) -> None:
         self.stage: int | None = None  # the sync point the guest waits at
@@ -57,6 +58,11 @@ class Session(abc.ABC):
     def observers(self) -> dict[str, Callable[[], XsaveImage]]:
         """Observers that yield a whole XSAVE image (the default: export())."""
         return {"export": self.export}
+
+    def gpr_views(self) -> dict[str, Callable[[], dict[str, bytes]]]:
+        """Observers of the general-purpose registers (rax..r15, rip, rflags; r16..r31 where
+        the observer knows APX): name -> callable -> {register: 8 bytes little-endian}."""
+        return {}
 
     def views(self) -> dict[str, Callable[[], dict[str, bytes]]]:
         """Partial observers (a debugger, a monitor): register name -> raw little-endian

@@ -373,3 +373,29 @@ def test_debugger_import_catches_a_dropped_write(backend, monkeypatch):
         with Run(backend, bank, code) as run:
             SCENARIOS["debugger_import"].run(run)
     assert "xmm xmm6 byte 0" in failure.value.lines[0], failure.value.lines
+
+
+def test_gprs_scenario_uses_three_observers(backend):
+    bank, code = _runnable(backend, "xmm")
+    with Run(backend, bank, code) as run:
+        SCENARIOS["gprs"].run(run)
+    note = run.notes[0]
+    for observer in ("migration", "gdb", "hmp"):
+        assert f"{observer} (" in note, note
+
+
+def test_gprs_scenario_names_the_observer_that_disagrees(backend, monkeypatch):
+    bank, code = _runnable(backend, "xmm")
+    real = QemuSession.gpr_views
+
+    def skewed(self):
+        views = real(self)
+        honest = views["hmp"]
+        views["hmp"] = lambda: {**honest(), "rbx": (0x1234).to_bytes(8, "little")}
+        return views
+
+    monkeypatch.setattr(QemuSession, "gpr_views", skewed)
+    with pytest.raises(ScenarioFailure) as failure:
+        with Run(backend, bank, code) as run:
+            SCENARIOS["gprs"].run(run)
+    assert failure.value.lines[0].startswith("hmp vs migration: rbx: 0000000000001234 vs ")

@@ -157,3 +157,20 @@ def test_xcr0_cycle_mechanics_on_a_stand_in_bank(backend, bank_name):
 def test_xcr0_cycle_applies_to_apx_only():
     assert SCENARIOS["xcr0_cycle"].applies_to("apx")
     assert not any(SCENARIOS["xcr0_cycle"].applies_to(b) for b in BANKS if b != "apx")
+
+
+def test_gprs_scenario_checks_rdi_against_the_mailbox(backend, monkeypatch):
+    """KVM_GET_REGS must show the payload's %rdi = mailbox; a VMM reporting another value
+    (here: the view shifted by a page) fails naming the observer and both addresses."""
+    from apx_tests.kvm.backend import KvmSession
+    bank, code = _runnable(backend, "xmm")
+    with Run(backend, bank, code) as run:
+        SCENARIOS["gprs"].run(run)
+    assert run.notes == ["GPR observers: KVM_GET_REGS (18)"]
+    real = KvmSession._regs_view
+    monkeypatch.setattr(KvmSession, "_regs_view", lambda self: {
+        **real(self), "rdi": (self.mailbox_gpa + 4096).to_bytes(8, "little")})
+    with pytest.raises(ScenarioFailure) as failure:
+        with Run(backend, bank, code) as run:
+            SCENARIOS["gprs"].run(run)
+    assert failure.value.lines == [f"KVM_GET_REGS: rdi {0x101000:#x}, the payload's mailbox is {0x100000:#x}"]

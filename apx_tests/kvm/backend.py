@@ -98,7 +98,9 @@ class KvmBackend(Backend):
 
 class KvmSession(Session):
     backend = "kvm"
-    features = frozenset({"raw_xsave", "legacy_get_xsave", "fresh_vm", "set_xcr0", "xstate_bv_init"})
+    features = frozenset({"raw_xsave", "legacy_get_xsave", "fresh_vm", "set_xcr0", "xstate_bv_init",
+                          "gpr_views"})
+    mailbox_gpa = MAILBOX
 
     def __init__(self, owner: KvmBackend, bank: Bank, vm: MicroVm, stage: int | None):
         super().__init__()
@@ -156,6 +158,13 @@ class KvmSession(Session):
 
     def observers(self):
         return {"KVM_GET_XSAVE2": self.export}
+
+    def gpr_views(self):
+        return {"KVM_GET_REGS": self._regs_view}
+
+    def _regs_view(self) -> dict[str, bytes]:
+        regs = self.vm.vcpu.get_regs()
+        return {name: getattr(regs, name).to_bytes(8, "little") for name, _ in regs._fields_}
 
     def import_image(self, image: XsaveImage) -> None:
         self.import_raw(image.to_bytes())

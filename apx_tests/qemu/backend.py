@@ -49,6 +49,8 @@ from .machine import (Machine, MachineSpec, QemuError, QemuUnavailable, _private
                       describe_exit, find_qemu, kvm_usable, temp_prefix)
 
 TCG_NO_APX = "QEMU TCG does not emulate APX"
+GPR_VIEW_NAMES = tuple(f"r{n}" for n in ("ax", "bx", "cx", "dx", "si", "di", "sp", "bp")) + tuple(
+    f"r{i}" for i in range(8, 32)) + ("rip", "rflags")
 VERSION_RE = re.compile(r"QEMU emulator version (\d+)\.(\d+)(?:\.(\d+))?")
 
 # Features of QEMU sessions (scenario requirements: apx_tests.scenarios.catalog).
@@ -56,8 +58,8 @@ VERSION_RE = re.compile(r"QEMU emulator version (\d+)\.(\d+)(?:\.(\d+))?")
 # XSTATE_BV leaves a component clear really loads its init state (KVM_SET_XSAVE does;
 # TCG keeps QEMU's register copies and ignores env.xstate_bv -- see docs/qemu.md).
 FEATURES = {
-    "kvm": frozenset({"fresh_vm", "xstate_bv_init", "debugger_write"}),
-    "tcg": frozenset({"fresh_vm", "debugger_write"}),
+    "kvm": frozenset({"fresh_vm", "xstate_bv_init", "debugger_write", "gpr_views"}),
+    "tcg": frozenset({"fresh_vm", "debugger_write", "gpr_views"}),
 }
 
 
@@ -417,20 +419,35 @@ class QemuSession(Session):
         name: gdb shows ymm banks as xmm0-15)."""
         return {"gdb": self.gdb_view, "hmp": self.hmp_view}
 
+    def gpr_views(self) -> dict[str, Callable[[], dict[str, bytes]]]:
+        """GPRs from the migration stream, the gdbstub and HMP (each as 8-byte values)."""
+        return {"migration": self._stream_gprs,
+                "gdb": lambda: self.gdb_view(GPR_VIEW_NAMES),
+                "hmp": lambda: self.hmp_view(GPR_VIEW_NAMES)}
+
+    def _stream_gprs(self) -> dict[str, bytes]:
+        from .migration import MigrationStreamError
+        stream = self._stream(self._save())
+        try:
+            cpu = stream.cpu_state(0, accelerator=self.owner.accel)
+        except MigrationStreamError as exc:
+            raise BackendError(f"{self.where}: {exc}") from None
+        return {name: value.to_bytes(8, "little") for name, value in cpu.gprs.items()}
+
     def _view_names(self) -> list[str]:
         names = [n for reg in self.bank.names for n in (reg, *narrower_names(reg))]
         return list(dict.fromkeys(names))
 
-    def hmp_view(self) -> dict[str, bytes]:
+    def hmp_view(self, names=None) -> dict[str, bytes]:
         from .hmp import HmpParseError, parse_info_registers, read_info_registers
         with self.clock.timed("hmp"):
             try:
                 regs = parse_info_registers(read_info_registers(self.machine.hmp))
             except (QemuError, HmpParseError) as exc:
                 raise BackendError(f"{self.where}: hmp view: {exc}") from None
-        return {n: regs[n] for n in self._view_names() if n in regs}
+        return {n: regs[n] for n in (names or self._view_names()) if n in regs}
 
-    def gdb_view(self) -> dict[str, bytes]:
+    def gdb_view(self, names=None) -> dict[str, bytes]:
         """Attach gdb to the gdbstub (stops the VM), read, detach (resumes it)."""
         from .gdb import GdbError, GdbSession
         with self.clock.timed("gdb"):
@@ -438,7 +455,7 @@ class QemuSession(Session):
             try:
                 gdb.connect()
                 offered = set(gdb.register_names())
-                names = [n for n in self._view_names() if n in offered]
+                names = [n for n in (names or self._view_names()) if n in offered]
                 regs = gdb.read_registers(names) if names else {}
                 gdb.detach()
             except GdbError as exc:

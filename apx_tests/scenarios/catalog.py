@@ -163,6 +163,35 @@ def debugger_import(run: Run) -> None:
     guest_verify(run, session, expected, what="after debugger writes")
 
 
+# Constant while the payload waits at a sync point (its spin loop changes only RIP and,
+# identically each time round, RFLAGS), so every observer must agree on them.
+STABLE_GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp") + tuple(f"r{i}" for i in range(8, 32))
+
+
+def gprs(run: Run) -> None:
+    """Every GPR observer (KVM_GET_REGS; QEMU's migration stream, gdbstub, HMP) sees %rdi =
+    the mailbox address the payload was given, and all of them agree on every GPR they
+    share (r16..r31 too, where an observer knows APX); the guest then still verifies."""
+    session, _ = _loaded_session(run)
+    views = {name: observe() for name, observe in session.gpr_views().items()}
+    failures = []
+    for name, view in views.items():
+        rdi = int.from_bytes(view.get("rdi", b""), "little") if "rdi" in view else None
+        if rdi != session.mailbox_gpa:
+            got = "missing" if rdi is None else f"{rdi:#x}"
+            failures.append(f"{name}: rdi {got}, the payload's mailbox is {session.mailbox_gpa:#x}")
+    first, *others = list(views) or [None]
+    for other in others:
+        for reg in STABLE_GPRS:
+            if reg in views[first] and reg in views[other] and views[first][reg] != views[other][reg]:
+                failures.append(f"{other} vs {first}: {reg}: {views[other][reg][::-1].hex()} vs "
+                                f"{views[first][reg][::-1].hex()}")
+    if failures:
+        raise ScenarioFailure(failures)
+    run.notes.append("GPR observers: " + ", ".join(f"{n} ({len(v)})" for n, v in views.items()))
+    guest_verify(run, session, run.pattern(LOADED), what="after reading GPRs")
+
+
 def _set_legacy_byte(image: XsaveImage, field: str, value: int) -> None:
     offset, _ = LEGACY_FIELDS[field]
     data = bytearray(image.raw_component_bytes(0))
@@ -231,6 +260,8 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              frozenset({"xstate_bv_init"})),
     Scenario("xcr0_cycle", xcr0_cycle, "XCR0 drops the bank's bit and regains it; values survive",
              frozenset({"set_xcr0"}), frozenset({"apx"})),
+    Scenario("gprs", gprs, "every GPR observer agrees; rdi is the payload's mailbox",
+             frozenset({"gpr_views"})),
     Scenario("debugger_import", debugger_import, "registers written through the gdbstub reach the guest",
              frozenset({"debugger_write"})),
     Scenario("negative", negative, "invalid imports return EINVAL and lose nothing",
