@@ -56,6 +56,7 @@ QBOOT_CANDIDATES = ("/usr/share/qemu/qboot.rom", "/usr/share/seabios/qboot.rom")
 DEFAULT_MEMORY_MIB = 16
 DEFAULT_TIMEOUT = 10.0
 TEMP_PREFIX = "apx-qemu-"  # + pid + "-": a process finds (and a test counts) only its own directories
+MICROVM_MACHINE = "microvm,pit=off,pic=off,rtc=off,isa-serial=off,acpi=off"  # the payload guests' machine
 KVM_CPU = "host,-arch-capabilities"  # see docs/qemu.md: QEMU 10 -cpu host asserts on MSR 0x10a here
 TCG_CPU = "max"
 
@@ -172,11 +173,14 @@ class MachineSpec:
     memory_mib: int = DEFAULT_MEMORY_MIB
     extra: tuple[str, ...] = ()
     timeout: float = DEFAULT_TIMEOUT
+    machine: str = MICROVM_MACHINE  # the -machine value; ",memory-backend=ram" is appended
+    console: bool = False  # the serial port (ttyS0) on a chardev socket this process listens on
 
     @classmethod
     def create(cls, *, accel: str, kernel: str | os.PathLike, qemu: str | None = None, cpu: str | None = None,
                memory_mib: int = DEFAULT_MEMORY_MIB, extra: Iterable[str] = (),
-               timeout: float = DEFAULT_TIMEOUT) -> "MachineSpec":
+               timeout: float = DEFAULT_TIMEOUT, machine: str = MICROVM_MACHINE,
+               console: bool = False) -> "MachineSpec":
         if accel not in ("kvm", "tcg"):
             raise ValueError(f"accel must be 'kvm' or 'tcg', not {accel!r}")
         path = find_qemu(qemu)
@@ -185,7 +189,7 @@ class MachineSpec:
             if why:
                 raise QemuUnavailable(f"-accel kvm: {why}")
         return cls(path, accel, cpu or (KVM_CPU if accel == "kvm" else TCG_CPU), os.fspath(kernel),
-                   find_qboot(path), memory_mib, tuple(extra), timeout)
+                   find_qboot(path), memory_mib, tuple(extra), timeout, machine, console)
 
     @property
     def name(self) -> str:
@@ -196,7 +200,7 @@ class MachineSpec:
         mem = f"{self.memory_mib}M"
         argv = [
             self.qemu,
-            "-machine", "microvm,memory-backend=ram,pit=off,pic=off,rtc=off,isa-serial=off,acpi=off",
+            "-machine", f"{self.machine},memory-backend=ram",
             "-bios", self.bios,
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-S",
             "-accel", self.accel, "-cpu", self.cpu, "-smp", "1", "-m", mem,
@@ -208,8 +212,10 @@ class MachineSpec:
             "-mon", "chardev=qmp,mode=control",
             "-gdb", f"unix:{d}/gdb.sock,server=on,wait=off",
             "-kernel", self.kernel,
-            *self.extra,
         ]
+        if self.console:
+            argv += ["-chardev", f"socket,id=con,path={d}/con.sock", "-serial", "chardev:con"]
+        argv += self.extra
         if incoming:
             argv += ["-incoming", incoming]
         return argv
@@ -324,6 +330,7 @@ class Machine:
         self.label = label or spec.name
         self.timing = _Timing()
         self.debug_output = bytearray()
+        self.console_output = bytearray()  # the serial console (spec.console)
         self.exit_code: int | None = None
         self.proc: subprocess.Popen | None = None
         self.qmp_client = None
@@ -333,6 +340,7 @@ class Machine:
         self._pidfd: int | None = None
         self._listeners: dict[str, socket.socket] = {}
         self._dbg: socket.socket | None = None
+        self._con: socket.socket | None = None
         self._qmp_sock: socket.socket | None = None
         self._ram_fd: int | None = None
         self._closed = False
@@ -375,7 +383,7 @@ class Machine:
         self.memory = mmap.mmap(self._ram_fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         for gpa, data in preload.items():
             self.write(gpa, data)
-        for name in ("qmp", "dbg"):
+        for name in ("qmp", "dbg", "con") if self.spec.console else ("qmp", "dbg"):
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             listener.bind(self.path(f"{name}.sock"))
             listener.listen(1)
@@ -434,6 +442,9 @@ class Machine:
                 if name == "dbg":
                     conn.setblocking(False)
                     self._dbg = conn
+                elif name == "con":
+                    conn.setblocking(False)
+                    self._con = conn
                 else:
                     self._qmp_sock = conn
                 del pending[name]
@@ -484,7 +495,18 @@ class Machine:
         self.qmp("stop")
 
     def cont(self) -> None:
-        self.qmp("cont")
+        # Right after query-migrate says "completed", QEMU may still be finishing the
+        # migration in its main loop and refuse `cont` with "Migration is not finalized
+        # yet" (seen here under load): retry that one refusal, briefly.
+        deadline = time.monotonic() + self.spec.timeout
+        while True:
+            try:
+                self.qmp("cont")
+                return
+            except QemuError as exc:
+                if "not finalized yet" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.002)
 
     def save(self, path: str | os.PathLike, *, keep: bool = False) -> str:
         """QMP stop + migrate to file:PATH, waiting for completion.  The VM stays stopped
@@ -569,16 +591,7 @@ class Machine:
     # ---- debugcon --------------------------------------------------------------------------
     def _drain(self) -> bool:
         """Read whatever debugcon has; False when the socket is closed."""
-        while True:
-            try:
-                chunk = self._dbg.recv(4096)
-            except BlockingIOError:
-                return True
-            except OSError:
-                return False
-            if not chunk:
-                return False
-            self.debug_output += chunk
+        return _recv_into(self._dbg, self.debug_output)
 
     def expect(self, char: bytes, *, since: int = 0, timeout: float | None = None) -> int:
         """Wait until `char` appears on debugcon at or after offset `since`; return its offset.
@@ -609,6 +622,51 @@ class Machine:
                 self.wait_exit(self.spec.timeout)
                 raise self._died(f"while waiting for {char.decode(errors='replace')!r} on debugcon")
 
+    # ---- serial console (spec.console) --------------------------------------------------
+    def read_console(self) -> bytes:
+        """Everything the guest wrote to its serial port so far."""
+        if self._con is not None and not _recv_into(self._con, self.console_output):
+            self._con.close()
+            self._con = None
+        return bytes(self.console_output)
+
+    def send_console(self, data: bytes) -> None:
+        """Type `data` into the guest's serial port."""
+        if self._con is None:
+            raise self.error("the serial console is not connected" if self.spec.console
+                             else "no serial console (MachineSpec.console is off)")
+        self._con.settimeout(self.spec.timeout)
+        try:
+            self._con.sendall(data)
+        except OSError as exc:
+            raise self.error(f"cannot write to the serial console: {exc.strerror or exc}") from None
+        finally:
+            self._con.setblocking(False)
+
+    def wait_console(self, predicate, *, timeout: float | None = None, what: str = "console output"):
+        """Wait until predicate(console bytes so far) is true; return its value.  QemuError
+        (one line, naming `what`) when QEMU exits first or `timeout` passes."""
+        timeout = self.spec.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate(self.read_console())
+            if value:
+                return value
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self.error(f"no {what} on the serial console within {timeout:g} s")
+            if self._con is None:
+                if self.proc.poll() is None:
+                    self.wait_exit(self.spec.timeout)
+                raise self._died(f"while waiting for {what} on the serial console")
+            try:
+                self._wait_fds([self._con], remaining)
+            except QemuError:
+                value = predicate(self.read_console())  # written just before QEMU exited
+                if value:
+                    return value
+                raise self._died(f"while waiting for {what} on the serial console") from None
+
     # ---- exit ---------------------------------------------------------------------------
     def wait_exit(self, timeout: float | None = None) -> int:
         """Wait for QEMU to exit on its own (isa-debug-exit); its exit status."""
@@ -629,6 +687,8 @@ class Machine:
             self.exit_code = self.proc.wait()
         if self._dbg is not None:
             self._drain()
+        if self._con is not None:
+            self.read_console()
 
     def stderr_tail(self, lines: int = 3, limit: int = 300) -> str:
         try:
@@ -680,6 +740,8 @@ class Machine:
             self._artifacts.mkdir(parents=True, exist_ok=True)
             prefix = f"{self.label}-{self.pid or 0}-"
             (self._artifacts / f"{prefix}debugcon.log").write_bytes(bytes(self.debug_output))
+            if self.spec.console:
+                (self._artifacts / f"{prefix}console.log").write_bytes(bytes(self.console_output))
             for name in ("qemu.stderr", "cmdline.json"):
                 if os.path.exists(self.path(name)):
                     shutil.copyfile(self.path(name), self._artifacts / f"{prefix}{name}")
@@ -711,13 +773,13 @@ class Machine:
                 except Exception:
                     pass
                 self.qmp_client = None
-            for sock in [self._dbg, self._qmp_sock, *self._listeners.values()]:
+            for sock in [self._dbg, self._con, self._qmp_sock, *self._listeners.values()]:
                 if sock is not None:
                     try:
                         sock.close()
                     except OSError:
                         pass
-            self._dbg = self._qmp_sock = None
+            self._dbg = self._con = self._qmp_sock = None
             self._listeners.clear()
             if self._pidfd is not None:
                 os.close(self._pidfd)
@@ -752,6 +814,20 @@ class Machine:
     def __repr__(self) -> str:
         state = "running" if self.running else f"exited {self.exit_code}"
         return f"<Machine {self.label} pid {self.pid} {state} {self.workdir}>"
+
+
+def _recv_into(sock: socket.socket, buf: bytearray) -> bool:
+    """Append whatever a non-blocking socket has to `buf`; False when it is closed."""
+    while True:
+        try:
+            chunk = sock.recv(4096)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        if not chunk:
+            return False
+        buf += chunk
 
 
 def describe_exit(code: int | None) -> str:

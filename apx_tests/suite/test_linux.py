@@ -1,0 +1,132 @@
+"""Linux guests under QEMU TCG: a register holder snapshotted mid-spin, restored in a fresh QEMU.
+
+Cases (ids as in the scenario matrix):
+
+- ``qemu-tcg-linux-<bank>-restore``: boot the Debian kernel with a holder that loaded
+  ``pattern(1)``; stop inside its spin loop (CPL3, RIP in ``spin=``); migrate to file; the
+  stream (MigrationStream) and HMP ``info registers`` must both show ``pattern(1)``; kill
+  that QEMU; a fresh QEMU restores the file, the holder is released and must report ``ok``.
+  The same snapshot with one byte flipped (e.g. ymm13 byte 21) must make the guest report
+  ``not ok`` naming that register and byte.  Then the edit path: a holder expecting
+  ``pattern(2)``, its snapshot rewritten to ``pattern(2)`` (``with_register``), reports ``ok``.
+- ``qemu-tcg-linux-<bank>-ctxswitch``: two holders (``pattern(1)`` and ``pattern(2)``) pinned
+  to one vCPU yield to each other thousands of times before and after the snapshot; both
+  report ``ok`` after the restore in a fresh QEMU.
+
+Banks TCG cannot run (APX, the AVX-512 banks) skip with the reason; so does everything
+when no guest kernel is cached (KernelUnavailable, one line: run ci/bootstrap or set
+APX_KERNEL), when QEMU is missing, or when --apx-backend leaves qemu-tcg out.  About 3 s
+per boot; a restore case boots twice, a ctxswitch case once.  See docs/linux-guests.md.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from apx_tests.guests import build, linux
+from apx_tests.guests.linux import KernelUnavailable
+from apx_tests.plugin import apx_artifacts, apx_backends, apx_qemu, apx_skip_or_fail
+from apx_tests.qemu.linux_session import LinuxHolderRun, flip_target, unavailable_reason
+from apx_tests.qemu.machine import QemuUnavailable, find_qemu
+from apx_tests.xsave import BANKS
+
+pytestmark = pytest.mark.apx
+
+BANK_ORDER = ("xmm", "ymm", "x87", "opmask", "zmm_hi256", "hi16_zmm", "apx")
+BACKEND = "qemu-tcg"
+
+
+def _case_id(kind: str):
+    return lambda bank: f"{BACKEND}-linux-{bank}-{kind}"
+
+
+@pytest.fixture(scope="module")
+def linux_env(pytestconfig):
+    """QEMU, the guest kernel and the build tools, or a skip saying which is missing."""
+    if BACKEND not in apx_backends(pytestconfig):
+        pytest.skip(f"{BACKEND} not selected (--apx-backend)")
+    try:
+        qemu = find_qemu(apx_qemu(pytestconfig))
+    except QemuUnavailable as exc:
+        pytest.skip(str(exc))
+    if not build.have_llvm_mc() or shutil.which("gcc") is None:
+        pytest.skip("the Linux guest programs need llvm-mc >= 18 and gcc (ci/bootstrap installs them)")
+    try:
+        kernel = linux.find_kernel(fetch=False)
+    except KernelUnavailable as exc:
+        pytest.skip(str(exc))
+    artifacts = apx_artifacts(pytestconfig)
+    return {"qemu": qemu, "kernel": kernel,
+            "artifacts": None if artifacts is None else f"{artifacts}/{BACKEND}-linux"}
+
+
+def _env(request, bank: str, case_id: str) -> dict:
+    reason = unavailable_reason(bank, "tcg")
+    if reason:
+        message = f"{case_id}: {reason}"
+        if bank == "apx":
+            apx_skip_or_fail(message, request.config)  # lab mode: APX must run
+        try:  # reported at the test, not at this helper (what skipif markers do)
+            exc = pytest.skip.Exception(message, _use_item_location=True)
+        except TypeError:  # a pytest without that keyword
+            exc = pytest.skip.Exception(message)
+        raise exc
+    return request.getfixturevalue("linux_env")
+
+
+def _record(record_property, prefix: str, run: LinuxHolderRun) -> None:
+    for phase, seconds in run.seconds.items():
+        record_property(f"{prefix}_{phase}", round(seconds, 3))
+
+
+@pytest.mark.parametrize("bank", BANK_ORDER, ids=_case_id("restore"))
+def test_linux_restore(bank, request, record_property):
+    env = _env(request, bank, _case_id("restore")(bank))
+    pattern = BANKS[bank].pattern(1)
+    register, byte = flip_target(bank)
+
+    # 1. snapshot -> both observers see pattern(1) -> fresh QEMU -> the holder says ok
+    with LinuxHolderRun(bank, load=1, expect=1, **env) as run:
+        run.boot()
+        snap = run.snapshot()
+        snap.check()
+        restored = run.restore().check_ok()
+        assert restored.report.ready == [] and restored.report.started_uptime is None, \
+            f"the restored guest must continue, not boot again: {restored.console}"
+        assert "# apx-init: released" in restored.report.lines
+
+        # 2b. the self-test: one byte flipped in the stream -> the guest names it
+        flipped = run.restore(run.flipped(register, byte))
+        want = f"{bank} {register} byte {byte}: want 0x{pattern[register][byte]:02x} " \
+               f"got 0x{pattern[register][byte] ^ 0xFF:02x} (1 differing byte"
+        assert not flipped.result.ok and flipped.result.directive.startswith(want), flipped.result
+        assert flipped.exit_code == (linux.EXIT_STATUS_FAIL << 1) | 1
+        _record(record_property, "expect1", run)
+
+    # 2a. the edit path: the holder expects pattern(2); the stream is rewritten to it
+    with LinuxHolderRun(bank, load=1, expect=2, **env) as run:
+        run.boot()
+        run.snapshot().check()  # still pattern(1): the holder loaded stage 1
+        edited = run.restore(run.edited(2)).check_ok()
+        assert edited.exit_code == (linux.EXIT_STATUS_PASS << 1) | 1
+        _record(record_property, "expect2", run)
+
+
+@pytest.mark.parametrize("bank", BANK_ORDER, ids=_case_id("ctxswitch"))
+def test_linux_ctxswitch(bank, request, record_property):
+    env = _env(request, bank, _case_id("ctxswitch")(bank))
+    with LinuxHolderRun(bank, ctx=True, **env) as run:
+        ready = run.boot()
+        assert sorted(r.fields["load"] for r in ready) == ["1", "2"]
+        snap = run.snapshot()
+        snap.check()  # the vCPU held one of the two holders' patterns
+        result = run.restore().check_ok()
+        lines = result.holder_lines
+        assert len(lines) == 2 and all(": ok spins=" in line for line in lines), result.console
+        spins = [int(line.rsplit("spins=", 1)[1].split()[0]) for line in lines]
+        assert all(s > 100 for s in spins), f"each holder must have yielded many times: {lines}"
+        record_property("ctx_spins", spins)
+        record_property("ctx_snapshot_stage", snap.matching_stage())
+        _record(record_property, "ctx", run)
