@@ -515,24 +515,28 @@ class Machine:
         path = os.fspath(path)
         self.qmp("stop")
         self.qmp("migrate", uri=f"file:{path}")
+        self._wait_migration(f"migrate to file:{path}", "not completed")
+        if keep:
+            self._keep.append(Path(path))
+        self.timing.add("save", time.perf_counter() - t0)
+        return path
+
+    def _wait_migration(self, what: str, not_done: str) -> None:
+        """Poll query-migrate until 'completed'; failed/cancelled/timeout -> QemuError."""
         deadline = time.monotonic() + self.spec.timeout
         delay = POLL_MIN
         while True:
             info = self.qmp("query-migrate")
             state = info.get("status")
             if state == "completed":
-                break
+                return
             if state in ("failed", "cancelled"):
-                raise self.error(f"migrate to file:{path} {state}: {info.get('error-desc', 'no detail')}")
+                raise self.error(f"{what} {state}: {info.get('error-desc', 'no detail')}")
             if time.monotonic() > deadline:
-                raise self.error(f"migrate to file:{path} not completed within {self.spec.timeout:g} s "
-                                 f"(status {state})")
+                raise self.error(f"{what}: {not_done} within {self.spec.timeout:g} s "
+                                 f"(migration status {state}, VM {self.status()})")
             time.sleep(delay)
             delay = min(delay * 1.5, POLL_MAX)
-        if keep:
-            self._keep.append(Path(path))
-        self.timing.add("save", time.perf_counter() - t0)
-        return path
 
     def wait_incoming(self, *, resume: bool = True) -> None:
         """After -incoming file:PATH: wait until the stream is loaded, then (resume) cont.
@@ -540,20 +544,7 @@ class Machine:
         Our streams come from a VM stopped with QMP `stop`, so the destination loads them
         into a paused VM (QEMU migrates the run state); a load error makes QEMU exit,
         which surfaces here as a QemuError with its stderr."""
-        deadline = time.monotonic() + self.spec.timeout
-        delay = POLL_MIN
-        while True:
-            info = self.qmp("query-migrate")
-            state = info.get("status")
-            if state == "completed":
-                break
-            if state in ("failed", "cancelled"):
-                raise self.error(f"restoring {self.incoming} {state}: {info.get('error-desc', 'no detail')}")
-            if time.monotonic() > deadline:
-                raise self.error(f"restoring {self.incoming}: not loaded within {self.spec.timeout:g} s "
-                                 f"(migration status {state}, VM {self.status()})")
-            time.sleep(delay)
-            delay = min(delay * 1.5, POLL_MAX)
+        self._wait_migration(f"restoring {self.incoming}", "not loaded")
         if resume and self.status() != "running":
             self.cont()
 
