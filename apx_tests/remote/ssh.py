@@ -399,6 +399,11 @@ class RemoteHost:
         deadline = time.monotonic() + 2
         while not channel.exit_status_ready() and not channel.closed and time.monotonic() < deadline:
             time.sleep(0.02)
+        # The exit status can arrive before the stderr reader has taken the agent's last
+        # words (the reason it could not start): let that reader finish first.
+        for thread in self._threads:
+            if thread.name.startswith("apx-remote-stderr"):
+                thread.join(timeout=max(0.0, deadline - time.monotonic()) + 0.5)
         last_err = self.stderr[-1].strip() if self.stderr else ""
         status = channel.recv_exit_status() if channel.exit_status_ready() else -1
         if status != -1:  # -1: the channel closed without an exit status (paramiko)
