@@ -138,8 +138,11 @@ class CaseRunner:
     """Opens each backend once (lazily), runs cases one by one, closes everything."""
 
     def __init__(self, payload: Callable[[str], bytes] | None = None, *, qemu: str | None = None,
-                 artifacts: str | None = None):
+                 artifacts: str | None = None, session_wrapper: Callable | None = None):
         self.payload = payload or (lambda bank: build_payload(bank).code)
+        self.session_wrapper = session_wrapper  # fault injection (apx_tests.faults), passed to Run
+        # Reporting (apx_tests.report_pytest): called with each Run before its scenario starts.
+        self.prepare_run: Callable[[CaseId, Run], None] | None = None
         self.options = {"qemu": qemu, "artifacts": artifacts}
         self._backends: dict[str, object] = {}
         self._errors: dict[str, str] = {}
@@ -190,7 +193,9 @@ class CaseRunner:
                 return CaseResult(case_id, "fail", [f"{case_id}: {exc}"], facts=facts)
             backend, _ = self.backend(case.backend)
             try:
-                with Run(backend, BANKS[case.bank], payload) as run:
+                with Run(backend, BANKS[case.bank], payload, session_wrapper=self.session_wrapper) as run:
+                    if self.prepare_run is not None:
+                        self.prepare_run(case, run)
                     SCENARIOS[case.scenario].run(run)
             except ScenarioFailure as failure:
                 lines = list(failure.lines) or [""]

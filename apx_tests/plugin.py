@@ -27,7 +27,7 @@ _probe_key = pytest.StashKey[Probe]()
 _configs: list[pytest.Config] = []  # a stack: pytester runs sessions inside a session
 
 # --- remote hosts (--apx-host, fleets): their own plugin module, docs/remote.md ---------------
-pytest_plugins = ["apx_tests.remote.pytest_remote"]
+pytest_plugins = ["apx_tests.remote.pytest_remote", "apx_tests.faults_pytest", "apx_tests.report_pytest"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

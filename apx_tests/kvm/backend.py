@@ -7,7 +7,7 @@ from functools import cached_property
 
 from ..backend import Backend, BackendError, ImportRejected, Session
 from ..guests import protocol
-from ..xsave import Bank, Layout, XsaveImage
+from ..xsave import Bank, Layout, XsaveError, XsaveImage
 from .system import Kvm, KvmError
 from .vmm import MAILBOX, GuestCpu, GuestError, MicroVm, VcpuState, guest_cpuid
 
@@ -147,7 +147,10 @@ class KvmSession(Session):
 
     # --- state ------------------------------------------------------------------------
     def export(self) -> XsaveImage:
-        return XsaveImage(self.layout, self.vm.vcpu.get_xsave2(), where="KVM_GET_XSAVE2 vcpu0")
+        try:
+            return XsaveImage(self.layout, self.vm.vcpu.get_xsave2(), where="KVM_GET_XSAVE2 vcpu0")
+        except XsaveError as exc:  # a malformed image from KVM: the scenario fails in one line
+            raise BackendError(f"kvm {self.bank.name}: export: {exc}") from None
 
     def export_raw(self) -> bytes:
         return self.vm.vcpu.get_xsave2()

@@ -100,7 +100,12 @@ class Kvm(_Fd):
         except OSError as exc:
             raise KvmUnavailable(exc.errno, f"{path}: {exc.strerror}") from None
         kvm = cls(fd, path)
-        version = kvm.api_version()
+        try:
+            version = kvm.api_version()
+        except KvmError as exc:  # e.g. a regular file: ENOTTY; close it now, say so in one line
+            kvm.close()
+            raise KvmUnavailable(exc.errno, f"{path}: not a KVM device (KVM_GET_API_VERSION: "
+                                            f"{os.strerror(exc.errno)})") from None
         if version != abi.KVM_API_VERSION:
             kvm.close()
             raise KvmUnavailable(errno.EINVAL, f"{path}: KVM API version {version}, need {abi.KVM_API_VERSION}")

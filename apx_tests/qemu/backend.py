@@ -451,7 +451,8 @@ class QemuSession(Session):
         """Attach gdb to the gdbstub (stops the VM), read, detach (resumes it)."""
         from .gdb import GdbError, GdbSession
         with self.clock.timed("gdb"):
-            gdb = GdbSession(self.machine.gdb_socket, timeout=self.host.timeout)
+            gdb = GdbSession(self.machine.gdb_socket, timeout=self.host.timeout,
+                             transcript_path=self._gdb_transcript_path())
             try:
                 gdb.connect()
                 offered = set(gdb.register_names())
@@ -473,7 +474,8 @@ class QemuSession(Session):
         from .gdb import GdbError, GdbSession
         written = {}
         with self.clock.timed("gdb"):
-            gdb = GdbSession(self.machine.gdb_socket, timeout=self.host.timeout)
+            gdb = GdbSession(self.machine.gdb_socket, timeout=self.host.timeout,
+                             transcript_path=self._gdb_transcript_path())
             try:
                 gdb.connect()
                 offered = set(gdb.register_names())
@@ -587,6 +589,15 @@ class QemuSession(Session):
             raise BackendError(str(exc)) from None
 
     # ---- lifetime ---------------------------------------------------------------------------
+    def _gdb_transcript_path(self) -> str | None:
+        """Where a gdb session saves its MI transcript when it closes: the artifacts
+        directory of the host (set per test by apx_tests.report_pytest), else nowhere."""
+        if not self.host.artifacts:
+            return None
+        self._counter += 1
+        return os.path.join(self.host.artifacts, f"{self.machine.label}-{self.machine.pid or 0}-"
+                                                 f"gdb-{self._counter}.json")
+
     def keep_artifacts(self, directory: str) -> None:
         self.machine.keep_artifacts(directory)
         if self._saved is not None:

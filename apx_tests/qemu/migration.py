@@ -436,7 +436,8 @@ class CpuState:
         # the inner field name says which qword of the 512-bit register.
         for fdesc, prefix in self._struct_arrays():
             sdesc = fdesc["struct"]
-            base = _ZMM_STRUCTS.get(sdesc.get("vmsd_name", ""))
+            vmsd_name = sdesc.get("vmsd_name")
+            base = _ZMM_STRUCTS.get(vmsd_name) if isinstance(vmsd_name, str) else None
             if base is None:
                 continue
             if isinstance(fdesc.get("array_len"), int):
@@ -983,7 +984,10 @@ class MigrationStream:
                     out[name] = (prev if isinstance(prev, list) else [prev]) + [value]
                 else:
                     out[name] = value
-        for sub in desc.get("subsections", []) or []:
+        subsections = desc.get("subsections", []) or []
+        if not isinstance(subsections, list):
+            raise r.error(f"VM description of {ctx}: 'subsections' is not a list")
+        for sub in subsections:
             if not isinstance(sub, dict) or not isinstance(sub.get("vmsd_name"), str):
                 raise r.error(f"VM description of {ctx}: a subsection without vmsd_name")
             sname = sub["vmsd_name"]
@@ -1000,6 +1004,8 @@ class MigrationStream:
 
     def _read_field(self, r: _Reader, f: dict, path: str, sec: Section, ctx: str):
         ftype = f.get("type", "unknown")
+        if not isinstance(ftype, str):
+            raise r.error(f"VM description of {ctx}: field {f['name']} has type {str(ftype)[:40]}")
         if ftype == "struct":
             sdesc = f.get("struct")
             if not isinstance(sdesc, dict):

@@ -35,12 +35,19 @@ class Run:
     payload: bytes
     # Self-tests only: corrupt an image after the expected values are fixed, before import.
     tamper: Callable[[XsaveImage], None] | None = None
+    # Fault injection (apx_tests.faults): wraps every session this run starts.
+    session_wrapper: Callable[[Session], Session] | None = None
     sessions: list[Session] = field(default_factory=list)
     # What the run noticed but did not judge (e.g. how much a partial observer covers).
     notes: list[str] = field(default_factory=list)
+    # Reporting (apx_tests.report): called with the exception (None on success) while the
+    # sessions are still open, so a failure's state can be saved before close().
+    on_exit: Callable[["Run", BaseException | None], None] | None = None
 
     def start(self) -> Session:
         session = self.backend.start(self.bank, self.payload)
+        if self.session_wrapper is not None:
+            session = self.session_wrapper(session)
         self.sessions.append(session)
         return session
 
@@ -63,8 +70,12 @@ class Run:
     def __enter__(self) -> "Run":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if self.on_exit is not None:
+                self.on_exit(self, exc)
+        finally:
+            self.close()
 
 
 def load_bank(run: Run, session: Session, values: dict[str, bytes]) -> None:

@@ -27,7 +27,7 @@ import pytest
 
 from apx_tests.guests import build, linux
 from apx_tests.guests.linux import KernelUnavailable
-from apx_tests.plugin import apx_artifacts, apx_backends, apx_qemu, apx_skip_or_fail
+from apx_tests.plugin import apx_backends, apx_qemu, apx_skip_or_fail
 from apx_tests.qemu.linux_session import LinuxHolderRun, flip_target, unavailable_reason
 from apx_tests.qemu.machine import QemuUnavailable, find_qemu
 from apx_tests.xsave import BANKS
@@ -57,9 +57,7 @@ def linux_env(pytestconfig):
         kernel = linux.find_kernel(fetch=False)
     except KernelUnavailable as exc:
         pytest.skip(str(exc))
-    artifacts = apx_artifacts(pytestconfig)
-    return {"qemu": qemu, "kernel": kernel,
-            "artifacts": None if artifacts is None else f"{artifacts}/{BACKEND}-linux"}
+    return {"qemu": qemu, "kernel": kernel}
 
 
 def _env(request, bank: str, case_id: str) -> dict:
@@ -73,7 +71,11 @@ def _env(request, bank: str, case_id: str) -> dict:
         except TypeError:  # a pytest without that keyword
             exc = pytest.skip.Exception(message)
         raise exc
-    return request.getfixturevalue("linux_env")
+    # Artifacts go to this test's own folder (kept only if it fails: apx_tests.report_pytest).
+    artifacts = request.getfixturevalue("apx_test_artifacts")
+    request.getfixturevalue("apx_progress")(f"booting Linux guest (TCG) for {bank}…")
+    return {**request.getfixturevalue("linux_env"),
+            "artifacts": None if artifacts is None else str(artifacts)}
 
 
 def _record(record_property, prefix: str, run: LinuxHolderRun) -> None:
