@@ -449,51 +449,49 @@ class QemuSession(Session):
 
     def gdb_view(self, names=None) -> dict[str, bytes]:
         """Attach gdb to the gdbstub (stops the VM), read, detach (resumes it)."""
-        from .gdb import GdbError, GdbSession
-        with self.clock.timed("gdb"):
-            gdb = GdbSession(self.machine.gdb_socket, timeout=self.host.timeout,
-                             transcript_path=self._gdb_transcript_path())
-            try:
-                gdb.connect()
-                offered = set(gdb.register_names())
-                names = [n for n in (names or self._view_names()) if n in offered]
-                regs = gdb.read_registers(names) if names else {}
-                gdb.detach()
-            except GdbError as exc:
-                raise BackendError(f"{self.where}: gdb view: {exc}") from None
-            finally:
-                gdb.close()
-        if self.machine.running and self.machine.status() != "running":
-            self.machine.cont()
-        return regs
+        def read(gdb, offered):
+            wanted = [n for n in (names or self._view_names()) if n in offered]
+            return gdb.read_registers(wanted) if wanted else {}
+        return self._with_gdb("gdb view", read)
 
     def debugger_write(self, values: dict[str, bytes]) -> dict[str, bytes]:
         """Write registers through the gdbstub (gdb `P` packets): each bank register under
         its own name or, where the stub only offers that, its low bytes under a narrower
         one (QEMU 10: xmmN for ymmN).  Returns {name written: bytes} as the stub took it."""
+        def write(gdb, offered):
+            written = {}
+            for name, value in values.items():
+                shown = next((n for n in [name, *narrower_names(name)] if n in offered), None)
+                if shown is None:
+                    continue
+                width = len(gdb.read_registers([shown])[shown])
+                gdb.write_register(shown, value[:width])
+                written[shown] = value[:width]
+            return written
+        return self._with_gdb("gdb write", write)
+
+    def _with_gdb(self, what: str, work):
+        """Attach gdb (stops the VM), do `work(gdb, offered register names)`, detach (resumes
+        it); the VM runs again afterwards, also when gdb failed (a stopped guest would only
+        hang the next stage)."""
         from .gdb import GdbError, GdbSession
-        written = {}
         with self.clock.timed("gdb"):
             gdb = GdbSession(self.machine.gdb_socket, timeout=self.host.timeout,
                              transcript_path=self._gdb_transcript_path())
             try:
                 gdb.connect()
-                offered = set(gdb.register_names())
-                for name, value in values.items():
-                    shown = next((n for n in [name, *narrower_names(name)] if n in offered), None)
-                    if shown is None:
-                        continue
-                    width = len(gdb.read_registers([shown])[shown])
-                    gdb.write_register(shown, value[:width])
-                    written[shown] = value[:width]
+                result = work(gdb, set(gdb.register_names()))
                 gdb.detach()
             except GdbError as exc:
-                raise BackendError(f"{self.where}: gdb write: {exc}") from None
+                raise BackendError(f"{self.where}: {what}: {exc}") from None
             finally:
                 gdb.close()
-        if self.machine.running and self.machine.status() != "running":
-            self.machine.cont()
-        return written
+                try:
+                    if self.machine.running and self.machine.status() != "running":
+                        self.machine.cont()
+                except QemuError:
+                    pass  # QEMU is gone: the error that matters is already on its way
+        return result
 
     def import_image(self, image: XsaveImage) -> None:
         """Patch the bank's registers (raw bytes) and the bank's XSTATE_BV bits of `image`
