@@ -216,20 +216,7 @@ def test_engine_failure_from_a_fault_is_a_scenario_failure(kvm):
 
 # --- --apx-inject ---------------------------------------------------------------------------------
 
-SUITE = """
-import pytest
-pytestmark = pytest.mark.apx
-
-def test_scenario(apx_case):
-    apx_case.execute()
-"""
-
-
-@pytest.fixture
-def suite(pytester):
-    pytester.makeini("[pytest]\nfilterwarnings = ignore::pytest.PytestAssertRewriteWarning\n")
-    pytester.makepyfile(SUITE)
-    return pytester
+# `suite`: the pytester tree with the scenario suite (tests/conftest.py).
 
 
 def _kvm_ymm_cases() -> int:

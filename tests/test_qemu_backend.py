@@ -270,20 +270,7 @@ def test_host_close_removes_everything():
 
 # --- the plugin ---------------------------------------------------------------------------
 
-SUITE = """
-import pytest
-pytestmark = pytest.mark.apx
-
-def test_scenario(apx_case):
-    apx_case.execute()
-"""
-
-
-@pytest.fixture
-def suite(pytester):
-    pytester.makeini("[pytest]\nfilterwarnings = ignore::pytest.PytestAssertRewriteWarning\n")
-    pytester.makepyfile(SUITE)
-    return pytester
+# `suite`: the pytester tree with the scenario suite (tests/conftest.py).
 
 
 def test_plugin_ids(suite):

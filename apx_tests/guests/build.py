@@ -296,13 +296,16 @@ def _build_digest(bank: str, source: Path, llvm_mc: str) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write via a temporary file and rename, so readers never see half a file."""
+def _write_atomically(path: Path, data: bytes, *, mode: int | None = None) -> None:
+    """Write via a temporary file and rename, so readers never see half a file; `mode`
+    (e.g. 0o755) is set before the rename, so no reader sees the file 0600 either."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(data)
+            if mode is not None:
+                os.fchmod(out.fileno(), mode)
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -396,20 +396,7 @@ def _file_digest(path: Path) -> list:
 
 
 def _write_executable(path: Path, data: bytes) -> None:
-    """Write a 0755 file atomically: mode set before the rename, so no reader sees it 0600."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            os.fchmod(out.fileno(), 0o755)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    _write_atomically(path, data, mode=0o755)
 
 
 def _cached_build(name: str, digest: str, build) -> Path:

@@ -1,0 +1,23 @@
+"""Fixtures shared by the framework's own tests."""
+
+from __future__ import annotations
+
+import pytest
+
+# The shipped scenario suite in miniature: one generated test per case (apx_case).
+SUITE = """
+import pytest
+pytestmark = pytest.mark.apx
+
+def test_scenario(apx_case):
+    apx_case.execute()
+"""
+
+
+@pytest.fixture
+def suite(pytester):
+    """A pytester tree holding SUITE, for running the plugin's cases in-process."""
+    # apx_tests is already imported by the outer session: the inner one cannot rewrite it.
+    pytester.makeini("[pytest]\nfilterwarnings = ignore::pytest.PytestAssertRewriteWarning\n")
+    pytester.makepyfile(SUITE)
+    return pytester
