@@ -231,6 +231,9 @@ class MicroVm:
 
     # --- state -------------------------------------------------------------------------
     def save_state(self) -> VcpuState:
+        """The vCPU's state at its current exit, with the exit's `out` completed first
+        (Vcpu.complete_pending_io), so a restore continues after the sync point."""
+        self.vcpu.complete_pending_io()
         return VcpuState(self.vcpu.get_regs(), self.vcpu.get_sregs(), self.vcpu.get_xcrs(),
                          self.vcpu.get_xsave2(), bytes(self.memory))
 
