@@ -14,6 +14,7 @@ from ..backend import ImportRejected
 from ..guests import protocol
 from ..xsave import XsaveImage, narrower_names
 from ..xsave.layout import APX, BNDREGS, LEGACY_FIELDS, PKRU, XTILECFG
+from ..xsave.xcr0 import xcr0_without
 from .engine import (GARBAGE, IMPORTED, LOADED, Run, ScenarioFailure, check_components_present,
                      check_registers, check_untouched, check_view, compare_images, guest_verify, init_readout, load_bank)
 
@@ -134,7 +135,9 @@ def xcr0_cycle(run: Run) -> None:
     """
     session, _ = _loaded_session(run)
     xcr0 = session.get_xcr0()
-    without = xcr0 & ~(run.bank.xcr0_mask & ~0x3)  # x87/SSE bits can never be cleared
+    # Not `xcr0 & ~mask`: the bits that depend on the bank's go too (AVX-512 on AVX), or
+    # KVM_SET_XCRS refuses the value on hosts where they are enabled.
+    without = xcr0_without(xcr0, run.bank.xcr0_mask)
     session.set_xcr0(without)
     if session.get_xcr0() != without:
         raise ScenarioFailure(f"XCR0 {session.get_xcr0():#x} after setting {without:#x}")
