@@ -28,9 +28,9 @@ from pathlib import Path
 from ..xsave import Layout
 from . import elf, protocol
 from .build import (
+    BOOT_STUB,
     GuestBuildError,
     _display,
-    _sources_of,
     _write_atomically,
     assemble_object,
     assembler_version,
@@ -38,6 +38,8 @@ from .build import (
     find_llvm_mc,
     flat_code,
     guests_dir,
+    prebuilt,
+    source_digest,
 )
 
 BOOT_FORMAT = 1  # bump when the image format changes for the same inputs
@@ -134,10 +136,21 @@ def _stub_digest(source: Path, llvm_mc: str) -> str:
     inputs = {
         "format": BOOT_FORMAT,
         "assembler": assembler_version(llvm_mc),
-        "sources": [[_display(p), hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None]
-                    for p in _sources_of(source.resolve())],
+        "sources": source_digest(source),
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def _checked_stub(code: bytes, symbols: dict[str, int], source: Path, digest: str) -> BootStub:
+    """A BootStub, after checking the constants boot.py needs and the stub's size."""
+    missing = [n for n in _NEEDED if n not in symbols]
+    if missing:
+        raise GuestBuildError(f"{_display(source)}: boot stub lacks the constants {', '.join(missing)}")
+    expected = symbols["PAYLOAD_ADDR"] - symbols["IMAGE_BASE"]
+    if len(code) != expected:
+        raise GuestBuildError(f"{_display(source)}: stub is {len(code)} bytes, must end exactly at "
+                              f"PAYLOAD_ADDR (image offset {expected:#x}); check the .org directives")
+    return BootStub(code, symbols, digest)
 
 
 @functools.lru_cache(maxsize=8)
@@ -149,26 +162,29 @@ def _stub_for(digest: str, source: str, llvm_mc: str) -> BootStub:
     except (OSError, ValueError, KeyError):
         pass
     obj = assemble_object(Path(source), llvm_mc)
-    code = flat_code(obj, Path(source))
-    symbols = _absolute_symbols(obj)
-    missing = [n for n in _NEEDED if n not in symbols]
-    if missing:
-        raise GuestBuildError(f"{_display(Path(source))}: boot stub lacks the constants {', '.join(missing)}")
-    expected = symbols["PAYLOAD_ADDR"] - symbols["IMAGE_BASE"]
-    if len(code) != expected:
-        raise GuestBuildError(f"{_display(Path(source))}: stub is {len(code)} bytes, must end exactly at "
-                              f"PAYLOAD_ADDR (image offset {expected:#x}); check the .org directives")
+    stub = _checked_stub(flat_code(obj, Path(source)), _absolute_symbols(obj), Path(source), digest)
     try:
-        _write_atomically(cached, json.dumps({"code": code.hex(), "symbols": symbols}).encode())
+        _write_atomically(cached, json.dumps({"code": stub.code.hex(), "symbols": stub.symbols}).encode())
     except OSError:
         pass
-    return BootStub(code, symbols, digest)
+    return stub
 
 
 def boot_stub() -> BootStub:
-    """The assembled stub, cached on disk by source digest (and in memory per process)."""
+    """The assembled stub, cached on disk by source digest (and in memory per process).
+
+    Without a usable llvm-mc, an installed wheel's prebuilt stub serves if it was
+    assembled from exactly the multiboot.S installed with it (build.prebuilt()).
+    """
     source = boot_source()
-    llvm_mc = find_llvm_mc(f"assemble {_display(source)}")
+    try:
+        llvm_mc = find_llvm_mc(f"assemble {_display(source)}")
+    except GuestBuildError as missing:
+        code, entry = prebuilt(BOOT_STUB, "boot stub", source, missing)
+        symbols = entry.get("symbols")
+        if not isinstance(symbols, dict):
+            raise GuestBuildError(f"{missing}; the prebuilt boot stub has no symbols in its manifest") from None
+        return _checked_stub(code, symbols, source, entry["digest"])
     return _stub_for(_stub_digest(source, llvm_mc), str(source), llvm_mc)
 
 

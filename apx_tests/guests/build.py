@@ -74,15 +74,54 @@ class Instruction:
 
 # --- where things are -------------------------------------------------------
 
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the apx_tests package
+SHIPPED_GUESTS = "_guests"  # apx_tests/_guests: the wheel's copy of guests/ (setup.py)
+PREBUILT = "_prebuilt"  # apx_tests/_prebuilt: code assembled when the wheel was built (setup.py)
+PREBUILT_MANIFEST = "manifest.json"
+
+
+def checkout_guests_dir() -> Path | None:
+    """guests/ at the top of the checkout this package sits in, or None when installed.
+
+    A checkout is recognised by pyproject.toml next to guests/, so an unrelated
+    site-packages/guests is never mistaken for it.
+    """
+    root = PACKAGE_DIR.parent
+    if (root / "pyproject.toml").is_file() and (root / "guests").is_dir():
+        return root / "guests"
+    return None
+
+
+def shipped_guests_dir() -> Path:
+    """The wheel's copy of guests/ (apx_tests/_guests); absent in a checkout."""
+    return PACKAGE_DIR / SHIPPED_GUESTS
+
 
 def guests_dir() -> Path:
-    """The repo's guests/ directory (next to the apx_tests package), or $APX_GUESTS_DIR."""
+    """$APX_GUESTS_DIR, else the checkout's guests/, else the installed wheel's copy.
+
+    The checkout wins over a copy, so the top-level guests/ stays the one source of
+    truth wherever both could be seen (an editable install never writes the copy).
+    """
     override = os.environ.get("APX_GUESTS_DIR")
-    path = Path(override) if override else Path(__file__).resolve().parents[2] / "guests"
+    if override:
+        path = Path(override)
+        if not path.is_dir():
+            raise GuestBuildError(f"guest sources not found: {path} (APX_GUESTS_DIR) is not a directory")
+        return path
+    path = checkout_guests_dir() or shipped_guests_dir()
     if not path.is_dir():
-        hint = "" if override else "; set APX_GUESTS_DIR to the guests/ directory of an apx_tests checkout"
-        raise GuestBuildError(f"guest sources not found: {path} is not a directory{hint}")
+        raise GuestBuildError(
+            f"guest sources not found: neither {PACKAGE_DIR.parent / 'guests'} (a checkout) nor {path} "
+            "(an installed wheel) is a directory; set APX_GUESTS_DIR to the guests/ directory of an "
+            "apx_tests checkout"
+        )
     return path
+
+
+def prebuilt_dir() -> Path:
+    """Where an installed wheel keeps the payloads (and boot stub) assembled when it was built."""
+    return PACKAGE_DIR / PREBUILT
 
 
 def payload_dir() -> Path:
@@ -109,9 +148,18 @@ def cache_dir() -> Path:
 
 
 def _display(path: Path) -> str:
-    """A path as a developer would type it: relative to the repo when inside it."""
+    """A path as a developer would type it: relative to the repo when inside it.
+
+    Inside an installed wheel's copy a relative name (_guests/...) would point
+    nowhere a reader can go, so that copy's paths stay absolute.
+    """
     try:
-        return str(Path(path).resolve().relative_to(guests_dir().parent))
+        root = guests_dir().resolve()
+        resolved = Path(path).resolve()
+        if root == shipped_guests_dir().resolve():
+            resolved.relative_to(root)  # ValueError when outside: then shown as given
+            return str(resolved)
+        return str(resolved.relative_to(root.parent))
     except (ValueError, GuestBuildError):
         return str(path)
 
@@ -282,16 +330,28 @@ def _sources_of(source: Path) -> list[Path]:
     return list(seen)
 
 
+def source_digest(source: Path) -> str:
+    """sha256 of `source` and everything it .includes: names relative to guests_dir()
+    and contents. It does not depend on where guests/ is, so a wheel's prebuilt code
+    can be matched against the sources installed next to it."""
+    root = guests_dir().resolve()
+    names = []
+    for path in _sources_of(Path(source).resolve()):
+        try:
+            name = path.relative_to(root).as_posix()
+        except ValueError:
+            name = str(path)
+        names.append([name, hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None])
+    return hashlib.sha256(json.dumps(names).encode()).hexdigest()
+
+
 def _build_digest(bank: str, source: Path, llvm_mc: str) -> str:
     inputs = {
         "format": CACHE_FORMAT,
         "bank": bank,
         "assembler": assembler_version(llvm_mc),
         "flags": list(ASSEMBLER_FLAGS),
-        "sources": [
-            [_display(path), hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None]
-            for path in _sources_of(source.resolve())
-        ],
+        "sources": source_digest(source),
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
@@ -316,9 +376,17 @@ def _write_atomically(path: Path, data: bytes, *, mode: int | None = None) -> No
 
 
 def build_payload(bank: str) -> Payload:
-    """Flat code for `bank`, from the cache when nothing it depends on changed."""
+    """Flat code for `bank`, from the cache when nothing it depends on changed.
+
+    Without a usable llvm-mc, an installed wheel's prebuilt payload serves if it was
+    assembled from exactly the sources installed with it (prebuilt()).
+    """
     source = payload_source(bank)
-    llvm_mc = find_llvm_mc(f"assemble {_display(source)}")
+    try:
+        llvm_mc = find_llvm_mc(f"assemble {_display(source)}")
+    except GuestBuildError as missing:
+        code, entry = prebuilt(bank, f"payload for bank {bank}", source, missing)
+        return Payload(bank=bank, code=code, source_path=source, digest=entry["digest"])
     digest = _build_digest(bank, source, llvm_mc)
     cached = cache_dir() / f"{bank}-{digest}.bin"
     try:
@@ -332,6 +400,99 @@ def build_payload(bank: str) -> Payload:
         except OSError:
             pass  # the cache only saves time; an unwritable one must not fail a build
     return Payload(bank=bank, code=code, source_path=source, digest=digest)
+
+
+# --- prebuilt code (a wheel's apx_tests/_prebuilt, a remote bundle's payloads/) ---
+#
+# <name>.bin     the code: a bank's flat payload, or the boot stub (name "boot-stub")
+# <name>.error   instead of .bin when the build failed where the files were made
+# manifest.json  name -> {"file", "digest" (the build's), "source_digest", "code_sha256", ...}
+
+BOOT_STUB = "boot-stub"  # not a bank name: those are identifiers without '-'
+
+
+def prebuilt(name: str, what: str, source: Path, missing: GuestBuildError,
+             directory: Path | None = None) -> tuple[bytes, dict]:
+    """(code, manifest entry) of the prebuilt `name`, if it was built from exactly what
+    `source` holds now; else GuestBuildError: `missing` (why it cannot be built here),
+    plus why the prebuilt copy cannot stand in, when there is one at all."""
+    directory = directory or prebuilt_dir()
+    manifest_path = directory / PREBUILT_MANIFEST
+    if not manifest_path.is_file():
+        raise missing  # a checkout or a bundle-less run: nothing prebuilt to offer
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        if not isinstance(manifest, dict) or not isinstance(manifest.get(name, {}), dict):
+            raise ValueError("not a mapping of names to entries")
+    except (OSError, ValueError) as exc:
+        raise GuestBuildError(f"{missing}; and {manifest_path} is unreadable ({exc})") from None
+    entry = manifest.get(name)
+    if entry is None:
+        error = directory / f"{name}.error"
+        why = f"it failed when the wheel was built: {error.read_text()}" if error.is_file() else \
+            f"{manifest_path} has no {name}"
+        raise GuestBuildError(f"{missing}; no prebuilt {what} either: {why}") from None
+    if entry.get("source_digest") != source_digest(source):
+        raise GuestBuildError(f"{missing}; the prebuilt {what} in {directory} was built from other "
+                              f"sources than {_display(source)}") from None
+    path = directory / str(entry.get("file"))
+    try:
+        code = path.read_bytes()
+    except OSError as exc:
+        raise GuestBuildError(f"{missing}; the prebuilt {what} {path} is unreadable "
+                              f"({exc.strerror or exc})") from None
+    if hashlib.sha256(code).hexdigest() != entry.get("code_sha256"):
+        raise GuestBuildError(f"{missing}; the prebuilt {what} {path} does not match the sha256 "
+                              f"in {manifest_path}") from None
+    return code, entry
+
+
+def write_prebuilt(add, banks: list[str] | None = None, *, boot_stub: bool = False
+                   ) -> tuple[dict[str, str], dict[str, str]]:
+    """Build `banks` (default: all) here, and the boot stub if asked, and hand the files
+    to add(name, data): <name>.bin or <name>.error, then manifest.json.
+
+    One writer for the wheel (setup.py) and the remote bundle (remote/bundle.py).
+    Returns (bank -> code sha256, name -> one-line error); a bank list that cannot be
+    read is the error "*".
+    """
+    manifest: dict[str, dict] = {}
+    errors: dict[str, str] = {}
+    built: dict[str, str] = {}
+
+    def record(name: str, make) -> None:
+        try:
+            code, source, digest, extra = make()
+        except GuestBuildError as exc:
+            errors[name] = str(exc)
+            add(f"{name}.error", str(exc).encode())
+            return
+        sha = hashlib.sha256(code).hexdigest()
+        add(f"{name}.bin", code)
+        manifest[name] = {"file": f"{name}.bin", "digest": digest, "source_digest": source_digest(source),
+                          "code_sha256": sha, **extra}
+        if name != BOOT_STUB:
+            built[name] = sha
+
+    def payload(bank: str):
+        p = build_payload(bank)
+        return p.code, p.source_path, p.digest, {}
+
+    def stub():
+        from .boot import boot_source, boot_stub  # boot.py builds on this module
+        s = boot_stub()
+        return s.code, boot_source(), s.digest, {"symbols": s.symbols}
+
+    try:
+        wanted = banks if banks is not None else available_banks()
+    except GuestBuildError as exc:
+        wanted, errors["*"] = [], str(exc)
+    for bank in wanted:
+        record(bank, lambda: payload(bank))
+    if boot_stub:
+        record(BOOT_STUB, stub)
+    add(PREBUILT_MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    return built, errors
 
 
 # --- looking at the code ----------------------------------------------------

@@ -8,7 +8,9 @@ Contents:
                             needs no llvm-mc; a bank that failed to build here has
                             payloads/<bank>.error instead, and the remote reports that error
                             exactly as a local run would.
-  payloads/manifest.json    bank -> build digest and code sha256
+  payloads/manifest.json    bank -> build digest, source digest and code sha256
+                            (written by guests.build.write_prebuilt, as in a wheel's
+                            apx_tests/_prebuilt)
 
 Entries have a fixed timestamp, so the same tree gives the same bytes.
 """
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import apx_tests
 
-from ..guests.build import GuestBuildError, available_banks, build_payload, guests_dir
+from ..guests.build import GuestBuildError, guests_dir, write_prebuilt
 
 BUNDLE_NAME = "apx.pyz"
 _EPOCH = (2020, 1, 1, 0, 0, 0)
@@ -57,7 +59,6 @@ def build_bundle(banks: list[str] | None = None) -> Bundle:
     """The bundle for this tree; payloads come from (and go to) the local build cache."""
     package = Path(apx_tests.__file__).resolve().parent
     buf = io.BytesIO()
-    payloads: dict[str, str] = {}
     errors: dict[str, str] = {}
     with zipfile.ZipFile(buf, "w") as zf:
         _add(zf, "__main__.py", MAIN.encode())
@@ -74,22 +75,9 @@ def build_bundle(banks: list[str] | None = None) -> Bundle:
         if guests is not None:
             for path in sorted(p for p in guests.rglob("*") if p.is_file()):
                 _add(zf, "guests/" + path.relative_to(guests).as_posix(), path.read_bytes())
-        manifest = {}
-        try:
-            wanted = banks if banks is not None else available_banks()
-        except GuestBuildError as exc:
-            wanted, errors["*"] = [], str(exc)
-        for bank in wanted:
-            try:
-                payload = build_payload(bank)
-            except GuestBuildError as exc:
-                errors[bank] = str(exc)
-                _add(zf, f"payloads/{bank}.error", str(exc).encode())
-                continue
-            _add(zf, f"payloads/{bank}.bin", payload.code)
-            payloads[bank] = payload.code_sha256
-            manifest[bank] = {"digest": payload.digest, "code_sha256": payload.code_sha256}
-        _add(zf, "payloads/manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
+        # The agent needs payloads only (KVM cases): no boot stub.
+        payloads, failed = write_prebuilt(lambda name, data: _add(zf, f"payloads/{name}", data), banks)
+        errors.update(failed)
     return Bundle(buf.getvalue(), payloads, errors)
 
 
