@@ -234,7 +234,6 @@ def test_timings(ymm_run, record_property):
     print(f"\nlinux ymm: boot->ready {seconds['boot_to_ready']:.2f} s, snapshot {seconds['snapshot']:.2f} s, "
           f"observe {seconds['observe']:.2f} s, 3 restores {seconds['restore']:.2f} s, "
           f"release->result {seconds['release_to_result']:.2f} s, stops {seconds['stop_tries']}")
-    assert seconds["boot_to_ready"] < 30
 
 
 def test_nothing_left_behind(ymm_run):

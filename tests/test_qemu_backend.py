@@ -223,7 +223,6 @@ def test_phases_of_one_scenario(backend, capsys):
         print(f"\n{backend.name} ymm fresh_vm {total * 1000:.0f} ms: "
               + ", ".join(f"{k} {v * 1000:.0f} ms/{backend.host.clock.counts[k]}" for k, v in phases.items()))
     assert {"boot", "save", "parse", "restore", "guest", "finish"} <= set(phases)
-    assert total < 2.0  # ~0.2 s here; a generous bound against a hung step
 
 
 def test_no_process_or_directory_is_left_behind(backend):

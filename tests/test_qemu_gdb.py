@@ -573,11 +573,10 @@ def test_qemu_dies_mid_session(vm):
 def test_stale_socket_after_qemu_exit(vm):
     vm.proc.kill()
     vm.proc.wait()                                 # the socket file stays behind
-    t0 = time.monotonic()
     g = GdbSession(vm.gdb_path, timeout=5)
-    with pytest.raises(GdbError, match="Connection refused") as e:
+    with pytest.raises(GdbError, match="Connection refused") as e:  # refused, not timed out
         g.connect()
-    assert time.monotonic() - t0 < 3 and vm.gdb_path in str(e.value)
+    assert vm.gdb_path in str(e.value)
     assert g.pid is None                           # the failed attach killed its gdb
 
 
@@ -630,33 +629,6 @@ def test_transcript_written(vm, tmp_path):
     assert any(c.startswith("-target-select remote") for c in commands)
     assert any(c.startswith("-data-list-register-values r") for c in commands)
     assert all(c["seconds"] is not None for c in data["commands"])
-
-
-def test_timing_connect_read_xmm_detach(vm, record_property):
-    """Cost of one look through the gdbstub: connect, read xmm0-15, detach.
-
-    The first read also fetches the target description (register names, XML); a
-    second read of the same registers shows the steady-state cost.
-    """
-    xmm = [f"xmm{i}" for i in range(16)]
-    t0 = time.monotonic()
-    g = vm.gdb()
-    t1 = time.monotonic()
-    regs = g.read_registers(xmm)
-    t2 = time.monotonic()
-    g.read_registers(xmm)
-    t3 = time.monotonic()
-    g.detach()
-    t4 = time.monotonic()
-    g.close()
-    assert len(regs) == 16
-    timings = {"connect_s": t1 - t0, "first_read_xmm_s": t2 - t1, "read_xmm_s": t3 - t2, "detach_s": t4 - t3,
-               "connect_read_detach_s": (t2 - t0) + (t4 - t3)}
-    timings = {k: round(v, 4) for k, v in timings.items()}
-    for k, v in timings.items():
-        record_property(f"{vm.accel}_{k}", v)
-    print(f"gdbstub timing ({vm.accel}): {timings}")
-    assert timings["connect_read_detach_s"] < 5.0, timings     # generous: ~0.09 s measured here
 
 
 # ---------------------------------------------------------------------------

@@ -78,14 +78,12 @@ def test_missing_binary_is_one_line(image, monkeypatch):
 
 def test_qemu_dying_on_a_bad_option_is_one_line_with_stderr(spec):
     bad = MachineSpec(**{**spec.__dict__, "extra": ("-frobnicate",)})
-    started = time.monotonic()
     with pytest.raises(QemuError) as err:
         Machine(bad, preload=_mailbox())
     message = str(err.value)
     assert "\n" not in message
     assert message.startswith("qemu-tcg: QEMU exited with status 1 (QEMU error, or isa-debug-exit status 0)")
     assert "stderr: qemu-system-x86_64: -frobnicate: invalid option" in message
-    assert time.monotonic() - started < 3  # noticed at once, not after the timeout
 
 
 def test_unknown_cpu_model_is_one_line(spec):
