@@ -1,6 +1,6 @@
 """``apx-tests``: the command line of apx_tests.
 
-    apx-tests probe [--json] [--qemu PATH] [--kvm PATH]
+    apx-tests probe [--json] [--qemu PATH] [--kvm PATH] [--describe-host NAME]
     apx-tests decode FILE [--layout standard|compacted|auto] [--cpuid host|kvm|NAME] [--expect FILE2]
 
 ``probe`` reports what this host can do (see docs/probe.md). ``decode`` parses an XSAVE
@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the probe as one JSON object")
     p.add_argument("--qemu", metavar="PATH", help="qemu-system-x86_64 binary (default: $APX_QEMU or PATH)")
     p.add_argument("--kvm", metavar="PATH", default="/dev/kvm", help="KVM device (default: /dev/kvm)")
+    p.add_argument("--describe-host", metavar="NAME",
+                   help="print this host as a host description (JSON, as tests/hosts/NAME.json): CPUID, "
+                        "XCR0 and KVM's facts; see docs/probe.md")
     p.set_defaults(func=_cmd_probe)
 
     from .xsave import REFERENCE_CPUID  # noqa: PLC0415 - keep `apx-tests --help` import-light
@@ -63,12 +66,28 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_probe(args: argparse.Namespace) -> int:
     from .probe import probe
 
+    if args.describe_host is not None:
+        return _describe_host(args.describe_host, args.kvm)
     result = probe(qemu=args.qemu, kvm_path=args.kvm)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, sort_keys=True))
     else:
         for line in result.report_lines():
             print(line)
+    return EXIT_OK
+
+
+def _describe_host(name: str, kvm_path: str) -> int:
+    from .hostcpu import HostCpuError
+    from .hostdesc import HostDescription, HostDescriptionError, record_this_host
+
+    try:
+        desc = record_this_host(name, kvm_path=kvm_path)
+        # Round-trip through the loader: what is printed is a file `HostDescription.load` accepts.
+        desc = HostDescription.from_dict(desc.to_dict(), f"host description {name}")
+    except (HostCpuError, HostDescriptionError) as exc:
+        raise _CliError(f"--describe-host {name}: {exc}") from None
+    sys.stdout.write(desc.to_json())
     return EXIT_OK
 
 

@@ -541,3 +541,63 @@ def _report_lines(p: Probe) -> list[str]:
         lines.append(f"bank {b.name}: runnable on KVM" if b.kvm_runnable
                      else f"bank {b.name}: not runnable on KVM: {b.reason}")
     return lines
+
+
+# --- host descriptions: the same facts from data instead of the live host --------------------
+# (apx_tests.hostdesc). bank_facts() already takes its CPUID as a function; these build the
+# CpuFacts/KvmFacts it needs from a HostDescription, so that skip reasons for hosts we do not
+# have (Zen 2, Sapphire Rapids, Diamond Rapids...) are computed by the same code as here.
+
+__all__ += ["cpu_facts_from_cpuid", "cpu_facts_from_description", "kvm_facts_from_description",
+            "probe_from_description"]
+
+
+def cpu_facts_from_cpuid(cpuid: Callable[[int, int], tuple[int, int, int, int]], xcr0: int | None,
+                         model_name: str | None = None) -> CpuFacts:
+    """``CpuFacts`` as ``probe_cpu`` reads them, from any ``cpuid(leaf, sub)`` and a known XCR0
+    (``None``: unknown). Microcode is not part of CPUID and stays ``None``."""
+    facts = CpuFacts(model_name=model_name, xcr0=xcr0)
+    leaf0, leaf1 = cpuid(0, 0), cpuid(1, 0)
+    facts.vendor = b"".join(r.to_bytes(4, "little") for r in (leaf0[1], leaf0[3], leaf0[2])).decode(
+        "ascii", "replace")
+    facts.family, facts.model, facts.stepping = hostcpu.family_model_stepping(leaf1[0], facts.vendor)
+    facts.osxsave = _bit(leaf1[2], 27)
+    facts.avx = _bit(leaf1[2], 28)
+    if leaf0[0] >= 7:
+        facts.avx512f = _bit(cpuid(7, 0)[1], 16)
+        facts.apx = _bit(cpuid(7, 1)[3], 21) if cpuid(7, 0)[0] >= 1 else False
+    else:
+        facts.avx512f = facts.apx = False
+    if leaf0[0] >= 0xD and _bit(leaf1[2], 26):
+        eax, ebx, ecx, edx = cpuid(0xD, 0)
+        facts.xsave_size, facts.xsave_max_size = ebx, ecx
+        facts.xcr0_supported = eax | edx << 32
+    facts.layout, facts.layout_error = _host_layout(cpuid)
+    return facts
+
+
+def cpu_facts_from_description(desc) -> CpuFacts:
+    """The host CPU of an ``apx_tests.hostdesc.HostDescription``."""
+    return cpu_facts_from_cpuid(desc.cpuid, desc.host_xcr0, desc.title)
+
+
+def kvm_facts_from_description(desc) -> KvmFacts:
+    """KVM of a ``HostDescription``; a description without KVM reads as /dev/kvm missing."""
+    kvm = desc.kvm
+    if kvm is None:
+        return KvmFacts(path=f"host description {desc.name}", present=False,
+                        error=f"host description {desc.name} has no KVM")
+    return KvmFacts(path=f"host description {desc.name}", present=True, api_version=kvm.api_version,
+                    supported_xcr0=kvm.supported_xcr0, xsave2_size=kvm.xsave2_size, apx_cpuid=kvm.apx_cpu)
+
+
+def probe_from_description(desc) -> Probe:
+    """A ``Probe`` of a described host: CPU, KVM and banks from the description; the tools
+    (QEMU, gdb, LLVM) are not part of a host description and say so."""
+    cpu = cpu_facts_from_description(desc)
+    kvm = kvm_facts_from_description(desc)
+    why = f"not part of host description {desc.name}"
+    result = Probe(cpu=cpu, kernel_release=f"(host description {desc.name})", kvm=kvm,
+                   qemu=QemuFacts(error=why), gdb=ToolFacts(error=why), llvm=LlvmFacts(error=why))
+    result.banks = bank_facts(cpu, kvm, desc.cpuid)
+    return result
