@@ -6,8 +6,9 @@ have APX. A ``HostDescription`` holds the facts the probe and the XSAVE layout a
 from, so that the skip/run decisions and layouts for every such host can be tested here,
 on any machine, without that host:
 
-- ``cpuid``: ``{(leaf, subleaf): (eax, ebx, ecx, edx)}`` as user space on the host sees it
-  (at least leaves 0x0, 0x1, 0x7.0, 0x7.1 and every non-zero sub-leaf of 0xD);
+- ``cpuid_table``: ``{(leaf, subleaf): (eax, ebx, ecx, edx)}`` as user space on the host sees
+  it (at least leaves 0x0, 0x1, 0x7.0, 0x7.1 and every non-zero sub-leaf of 0xD); the method
+  ``cpuid(leaf, sub)`` reads it (zeros when absent), in the form ``hostcpu.cpuid`` has;
 - ``host_xcr0``: XGETBV(0), what the host kernel enabled (``None`` when unknown);
 - ``kvm``: a ``KvmDescription`` (``None``: no usable /dev/kvm) with ``supported_xcr0``
   (KVM_X86_XCOMP_GUEST_SUPP), ``xsave2_size`` (KVM_CAP_XSAVE2), ``supported_cpuid`` (the same
