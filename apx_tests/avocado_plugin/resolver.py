@@ -12,10 +12,17 @@ from __future__ import annotations
 import fnmatch
 import os
 
-from avocado.core.extension_manager import PluginPriority
-from avocado.core.nrunner.runnable import Runnable
-from avocado.core.plugin_interfaces import Resolver
-from avocado.core.resolver import ReferenceResolution, ReferenceResolutionResult
+try:
+    from avocado.core.extension_manager import PluginPriority
+    from avocado.core.nrunner.runnable import Runnable
+    from avocado.core.plugin_interfaces import Resolver
+    from avocado.core.resolver import ReferenceResolution, ReferenceResolutionResult
+except Exception as exc:  # noqa: BLE001
+    if __name__ != "__main__":
+        raise  # avocado (or a test) importing this module: its own error handling applies
+    # `python -m apx_tests.avocado_plugin.resolver` is a command: one line, no traceback.
+    raise SystemExit(" ".join(f"apx_tests: error: avocado cannot be imported: {type(exc).__name__}: "
+                              f"{exc} (avocado-framework is a dependency: run ci/bootstrap)".split())) from None
 
 PREFIX = "apx:"
 TEST_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scenarios.py")
