@@ -287,6 +287,64 @@ def _decompress(payload: bytes, kind: str) -> bytes | None:
         return None
 
 
+def _unpack_bzimage(data: bytes) -> bytes | None:
+    """The uncompressed kernel inside a bzImage (its payload, boot protocol 2.08+), or None."""
+    if data[0x202:0x206] != b"HdrS" or len(data) < 0x250:
+        return None
+    setup_sects = data[0x1F1] or 4
+    payload_offset, payload_length = struct.unpack_from("<II", data, 0x248)
+    start = (setup_sects + 1) * 512 + payload_offset
+    payload = data[start:start + payload_length]
+    kind = next((name for magic, name in _PAYLOAD_FORMATS if payload.startswith(magic)), None)
+    return _decompress(payload, kind) if kind else None
+
+
+def kernel_release(kernel: str | os.PathLike) -> str:
+    """The release `kernel` was built as (its guest's `uname -r`): the first word of a
+    bzImage's header version string (boot protocol: kernel_version at 0x20E, +0x200), else
+    what its name says after vmlinuz-, else its name."""
+    path = Path(kernel)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(0x8000)
+    except OSError:
+        head = b""
+    if head[0x202:0x206] == b"HdrS" and len(head) >= 0x210:
+        pointer = struct.unpack_from("<H", head, 0x20E)[0]
+        words = head[pointer + 0x200:pointer + 0x300].split(b"\0")[0].split() if pointer else []
+        if words:
+            return words[0].decode(errors="replace")
+    match = _KERNEL_NAME.match(path.name)
+    return match.group("version") if match else path.name
+
+
+# The name Linux gives XSAVE component 19 in xfeature_names[] (arch/x86/kernel/fpu/xstate.c)
+# once it supports APX state; a kernel without it never sets XCR0[19].
+APX_XSTATE_NAME = b"APX registers\0"
+
+
+def kernel_knows_apx(kernel: str | os.PathLike) -> bool | None:
+    """Whether `kernel` supports APX state (names XSAVE component 19), read from the image
+    itself; None when it cannot be read or unpacked here."""
+    path = Path(kernel)
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return _knows_apx(str(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _knows_apx(path: str, _mtime_ns: int, _size: int) -> bool | None:
+    elf = pvh_kernel(path)  # the unpacked image boots use, cached: usually no second unpack
+    try:
+        data = Path(elf or path).read_bytes()
+    except OSError:
+        return None
+    image = data if data[:4] == b"\x7fELF" else _unpack_bzimage(data)
+    return None if not image else APX_XSTATE_NAME in image
+
+
 def pvh_kernel(kernel: str | os.PathLike) -> Path | None:
     """An ELF vmlinux with a PVH entry for `kernel`, or None.
 
@@ -308,12 +366,7 @@ def pvh_kernel(kernel: str | os.PathLike) -> Path | None:
     target = build_cache_dir() / f"vmlinux-{hashlib.sha256(data).hexdigest()[:32]}"
     if target.is_file() and target.stat().st_size:
         return target
-    setup_sects = data[0x1F1] or 4
-    payload_offset, payload_length = struct.unpack_from("<II", data, 0x248)
-    start = (setup_sects + 1) * 512 + payload_offset
-    payload = data[start:start + payload_length]
-    kind = next((name for magic, name in _PAYLOAD_FORMATS if payload.startswith(magic)), None)
-    image = _decompress(payload, kind) if kind else None
+    image = _unpack_bzimage(data)
     if not image or not has_pvh_entry(image):
         return None
     try:

@@ -37,9 +37,11 @@ and removes them all.  Errors are `LinuxSessionError`, one line naming the phase
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
+import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -50,6 +52,7 @@ from ..backend import BackendError
 from ..guests import linux
 from ..xsave import BANKS
 from ..xsave.diff import Difference, diff_registers
+from ..probe import find_qemu, parse_qemu_version
 from .machine import Machine, MachineSpec, QemuError, _private_tmp_root, describe_exit, temp_prefix
 
 LINUX_MACHINE = "microvm"  # default devices (serial, PIT, PIC, RTC): what linux.MACHINE_ARGS boots
@@ -61,9 +64,6 @@ CTX_SETTLE = 0.3  # seconds the ctx pair runs (and switches) before the snapshot
 SAVE_BANDWIDTH = 16 << 30  # migrate-set-parameters max-bandwidth: QEMU's default 128 MiB/s
 # makes the ~60 MB stream of a Linux guest take 0.6 s instead of 0.25 s
 
-TCG_NO_APX = ("QEMU TCG never emulates APX (-cpu max has no APX_F, CPUID.(EAX=7,ECX=1):EDX[21]=0); "
-              "APX user state also needs a guest kernel that enables XCR0[19], which Debian 12's 6.1 "
-              "kernel does not")
 TCG_NO_AVX512 = ("QEMU TCG never emulates AVX-512 (-cpu max has no AVX512F, CPUID.(EAX=7,ECX=0):EBX[16]=0, "
                  "so the guest's XCR0 lacks 0xe0: opmask, ZMM_Hi256, Hi16_ZMM)")
 
@@ -78,16 +78,63 @@ class LinuxSessionError(BackendError):
         super().__init__(" ".join(str(message).split()))
 
 
-def unavailable_reason(bank: str, accel: str = "tcg") -> str | None:
-    """Why `bank` cannot be held by a Linux guest under `accel` here, or None."""
+def unavailable_reason(bank: str, accel: str = "tcg", *, qemu: str | None = None,
+                       kernel: str | os.PathLike | None = None) -> str | None:
+    """Why `bank` cannot be held by a Linux guest under `accel` here, or None. `qemu` and
+    `kernel` are what would run (default: as find_qemu / linux.find_kernel choose them):
+    the reason names their versions."""
     if bank not in linux.holder_banks():
         return f"no Linux register holder for bank {bank!r} (have {', '.join(linux.holder_banks())})"
     if accel == "tcg":
         if bank == "apx":
-            return TCG_NO_APX
+            return tcg_no_apx_reason(qemu, kernel)
         if BANKS[bank].xcr0_mask & 0xE0:
             return TCG_NO_AVX512
     return None
+
+
+def tcg_no_apx_reason(qemu: str | None = None, kernel: str | os.PathLike | None = None) -> str:
+    """Why a Linux guest under TCG holds no APX state, naming the QEMU and the guest kernel
+    that would run (their versions as found now, and whether that kernel supports APX)."""
+    return (f"{_qemu_named(qemu)} TCG does not emulate APX (-cpu max has no APX_F, "
+            f"CPUID.(EAX=7,ECX=1):EDX[21]=0){_guest_kernel_apx(kernel)}")
+
+
+def _qemu_named(qemu: str | None) -> str:
+    path = find_qemu(qemu)
+    if path is None:
+        return f"QEMU (no {qemu or 'qemu-system-x86_64'} found)"
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return f"QEMU ({path}: {exc.strerror or exc})"
+    version = _qemu_version(path, st.st_mtime_ns, st.st_size)
+    return f"QEMU {version}" if version else f"QEMU ({path}: no version from --version)"
+
+
+@functools.lru_cache(maxsize=8)
+def _qemu_version(path: str, _mtime_ns: int, _size: int) -> str | None:
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return parse_qemu_version(out)
+
+
+def _guest_kernel_apx(kernel: str | os.PathLike | None) -> str:
+    """'; ...' naming the guest kernel and its APX support, or '' when there is no kernel."""
+    try:
+        path = linux.find_kernel(kernel, fetch=False)
+    except linux.KernelUnavailable:
+        return ""  # nothing to name: the QEMU reason stands alone
+    release = linux.kernel_release(path)
+    knows = linux.kernel_knows_apx(path)
+    if knows is None:
+        return f"; whether guest kernel {release} would enable XCR0[19] is unknown (its image cannot be unpacked here)"
+    if knows:
+        return f" (guest kernel {release} does support APX state)"
+    return (f"; guest kernel {release} has no APX state support either (no XSAVE component 19 "
+            f"in its xfeature names), so it would not enable XCR0[19]")
 
 
 def item_name(bank: str, ctx: bool = False) -> str:
@@ -264,7 +311,7 @@ class LinuxHolderRun:
     # ---- boot -----------------------------------------------------------------------------------
     def boot(self) -> list[linux.Ready]:
         """Build the guest, start QEMU, wait for the holder's ready line(s)."""
-        reason = unavailable_reason(self.bank, self.accel)
+        reason = unavailable_reason(self.bank, self.accel, qemu=self.qemu, kernel=self.kernel)
         if reason:
             raise LinuxSessionError(f"{self.label}: {reason}")
         if self.machine is not None or self.snap is not None:
