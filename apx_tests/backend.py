@@ -109,6 +109,12 @@ class Backend(abc.ABC):
     def unavailable_reason(self, bank: Bank) -> str | None:
         """None when `bank` can run here, else the precise missing piece."""
 
+    def profile_unavailable(self) -> str | None:
+        """Why this backend cannot provide its CPU profile (--apx-cpu) at all, or None.
+        Such a skip is one lab mode (--apx-require) turns into a failure: the lab asked
+        for that kind of host."""
+        return None
+
     @abc.abstractmethod
     def start(self, bank: Bank, payload: bytes) -> Session:
         """Boot a guest running `payload` (the bank's flat CPL3 code) to just before stage 0."""

@@ -23,10 +23,12 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
+from . import profiles
 from .backend import Backend, BackendError
 from .guests.build import GuestBuildError, build_payload
 from .kvm.backend import KvmSession
 from .probe import BANK_ORDER
+from .profiles import DEFAULT_PROFILE
 from .qemu.backend import FEATURES as QEMU_FEATURES
 from .scenarios import SCENARIOS, Run, ScenarioFailure
 from .xsave import BANKS
@@ -40,23 +42,32 @@ BACKEND_FEATURES: dict[str, frozenset[str]] = {
     "qemu-tcg": QEMU_FEATURES["tcg"],
 }
 BACKENDS = tuple(BACKEND_FEATURES)
+# The Linux-guest cases (apx_tests/suite/test_linux.py: a kernel and a user-space holder
+# under QEMU TCG) are not Session scenarios, but --apx-backend selects them like one.
+LINUX_BACKEND = "qemu-tcg-linux"
+SELECTABLE_BACKENDS = BACKENDS + (LINUX_BACKEND,)
 # A --apx-backend choice may stand for several backends.
-BACKEND_GROUPS = {"qemu": ("qemu-kvm", "qemu-tcg"), "all": BACKENDS}
+BACKEND_GROUPS = {"qemu": ("qemu-kvm", "qemu-tcg", LINUX_BACKEND), "linux": (LINUX_BACKEND,),
+                  "all": SELECTABLE_BACKENDS}
+BACKEND_CHOICES = (*SELECTABLE_BACKENDS, *BACKEND_GROUPS)
 
 
 def expand_backends(choices) -> tuple[str, ...]:
-    """--apx-backend choices ("kvm", "qemu", "all", "qemu-tcg") -> backend names, in order."""
+    """--apx-backend choices ("kvm", "qemu", "all", "qemu-tcg", "linux") -> backend names, in order."""
     chosen = {b for choice in choices for b in BACKEND_GROUPS.get(choice, (choice,))}
-    return tuple(b for b in BACKENDS if b in chosen)
+    return tuple(b for b in SELECTABLE_BACKENDS if b in chosen)
 
 
-def open_backend(name: str, *, qemu: str | None = None, artifacts: str | None = None) -> Backend:
-    """Open backend `name`; OSError (KvmUnavailable, QemuUnavailable) when it cannot be."""
+def open_backend(name: str, *, qemu: str | None = None, artifacts: str | None = None,
+                 profile: str = DEFAULT_PROFILE) -> Backend:
+    """Open backend `name` with CPU profile `profile` (apx_tests.profiles); OSError
+    (KvmUnavailable, QemuUnavailable) when it cannot be."""
+    cpu = profiles.profile(profile)
     if name == "kvm":
         from .kvm.backend import KvmBackend, KvmHost
-        return KvmBackend(KvmHost())
+        return KvmBackend(KvmHost(profile=cpu))
     from .qemu.backend import QemuBackend
-    backend = QemuBackend(name.split("-", 1)[1], qemu=qemu)
+    backend = QemuBackend(name.split("-", 1)[1], qemu=qemu, profile=cpu)
     if artifacts:
         backend.host.artifacts = os.path.join(artifacts, backend.name)
     return backend
@@ -102,7 +113,8 @@ class CaseId:
 
 def cases(backends=BACKENDS) -> list[CaseId]:
     """Every case of `backends`: banks, then scenarios, where the scenario applies."""
-    return [CaseId(backend, bank, name) for backend in backends for bank in BANK_ORDER
+    return [CaseId(backend, bank, name) for backend in backends if backend in BACKEND_FEATURES
+            for bank in BANK_ORDER
             for name, scenario in SCENARIOS.items()
             if scenario.requires <= BACKEND_FEATURES[backend] and scenario.applies_to(bank)]
 
@@ -138,12 +150,13 @@ class CaseRunner:
     """Opens each backend once (lazily), runs cases one by one, closes everything."""
 
     def __init__(self, payload: Callable[[str], bytes] | None = None, *, qemu: str | None = None,
-                 artifacts: str | None = None, session_wrapper: Callable | None = None):
+                 artifacts: str | None = None, session_wrapper: Callable | None = None,
+                 profile: str = DEFAULT_PROFILE):
         self.payload = payload or (lambda bank: build_payload(bank).code)
         self.session_wrapper = session_wrapper  # fault injection (apx_tests.faults), passed to Run
         # Reporting (apx_tests.report_pytest): called with each Run before its scenario starts.
         self.prepare_run: Callable[[CaseId, Run], None] | None = None
-        self.options = {"qemu": qemu, "artifacts": artifacts}
+        self.options = {"qemu": qemu, "artifacts": artifacts, "profile": profile}
         self._backends: dict[str, object] = {}
         self._errors: dict[str, str] = {}
 
@@ -159,7 +172,8 @@ class CaseRunner:
     def facts(self, case: CaseId, unavailable: str | None) -> dict:
         backend, _ = self.backend(case.backend)
         host = getattr(backend, "host", None)
-        facts = {"backend": case.backend, "bank": case.bank, "unavailable": unavailable}
+        facts = {"backend": case.backend, "bank": case.bank, "unavailable": unavailable,
+                 "cpu_profile": self.options["profile"]}
         if case.backend == "kvm" and host is not None:
             facts["kvm_supported_xcr0"] = f"{host.supported_xcr0:#x}"
             facts["kvm_xsave2_size"] = host.xsave2_size
@@ -185,8 +199,12 @@ class CaseRunner:
             unavailable = self.unavailable(case)
             facts = self.facts(case, unavailable)
             if unavailable:
+                backend, _ = self.backend(case.backend)
+                # Lab mode fails an APX case that cannot run, and any case whose CPU
+                # profile this host cannot provide (the lab asked for that kind of host).
+                asked_for = backend is not None and backend.profile_unavailable() is not None
                 return CaseResult(case_id, "skip", [f"{case_id}: {unavailable}"],
-                                  require_applies=case.bank == "apx", facts=facts)
+                                  require_applies=case.bank == "apx" or asked_for, facts=facts)
             try:
                 payload = self.payload(case.bank)
             except GuestBuildError as exc:

@@ -17,10 +17,10 @@ from typing import Any, NoReturn
 
 import pytest
 
-from .cases import CaseId, CaseResult, CaseRunner, cases, expand_backends
+from .cases import BACKEND_CHOICES, CaseId, CaseResult, CaseRunner, cases, expand_backends
 from .probe import Probe, probe
+from .profiles import DEFAULT_PROFILE, PROFILES
 
-BACKEND_CHOICES = ("kvm", "qemu", "qemu-kvm", "qemu-tcg", "all")
 MARKER = "apx: scenarios over XSAVE register banks (APX R16-R31 and the stand-in banks)"
 
 _probe_key = pytest.StashKey[Probe]()
@@ -33,14 +33,21 @@ pytest_plugins = ["apx_tests.remote.pytest_remote", "apx_tests.faults_pytest", "
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("apx", "apx_tests: x86 extended state through KVM and QEMU")
     group.addoption("--apx-backend", action="append", choices=BACKEND_CHOICES, default=None,
-                    dest="apx_backend", metavar="{kvm,qemu,qemu-kvm,qemu-tcg,all}",
-                    help="backend(s) to run scenarios on: kvm (the embedded VMM), qemu (QEMU "
-                         "with KVM and with TCG); repeat for several (default: all, or the "
-                         "apx_backend ini value)")
+                    dest="apx_backend", metavar="{" + ",".join(BACKEND_CHOICES) + "}",
+                    help="backend(s) to run cases on: kvm (the embedded VMM), qemu-kvm, qemu-tcg, "
+                         "qemu-tcg-linux (Linux guests; also 'linux'), qemu (all three QEMU ones), "
+                         "all; repeat for several; cases of other backends are deselected "
+                         "(default: all, or the apx_backend ini value)")
     group.addoption("--apx-require", action="store_true", default=None, dest="apx_require",
                     help="lab mode: a scenario that cannot run here fails instead of skipping")
     group.addoption("--apx-qemu", metavar="PATH", default=None, dest="apx_qemu",
                     help="qemu-system-x86_64 binary (default: apx_qemu ini, $APX_QEMU, or PATH)")
+    group.addoption("--apx-cpu", choices=tuple(PROFILES), default=None, dest="apx_cpu",
+                    metavar="{" + ",".join(PROFILES) + "}",
+                    help="CPU profile: run as this kind of host by restricting the guest CPU "
+                         "(KVM CPUID/XCR0, QEMU -cpu features): " +
+                         "; ".join(f"{p.name}: {p.title}" for p in PROFILES.values()) +
+                         " (default: host, or the apx_cpu ini value)")
     group.addoption("--apx-artifacts", metavar="DIR", default=None, dest="apx_artifacts",
                     help="directory for artifacts kept from failing scenarios (images, logs)")
     parser.addini("apx_backend", type="args", default=["all"],
@@ -49,14 +56,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                   help="apx_tests: lab mode, scenarios that cannot run fail")
     parser.addini("apx_qemu", default="", help="apx_tests: qemu-system-x86_64 binary")
     parser.addini("apx_artifacts", default="", help="apx_tests: artifacts directory")
+    parser.addini("apx_cpu", default=DEFAULT_PROFILE, help="apx_tests: CPU profile (--apx-cpu)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER)
+    config.addinivalue_line("markers", "apx_backend(name): the backend a test belongs to; "
+                                       "--apx-backend deselects it when not chosen")
     bad = [b for b in config.getini("apx_backend") if b not in BACKEND_CHOICES]
     if bad:
         raise pytest.UsageError(f"apx_backend ini: unknown backend(s) {', '.join(bad)}; "
                                 f"choose from {', '.join(BACKEND_CHOICES)}")
+    if config.getini("apx_cpu") not in PROFILES:
+        raise pytest.UsageError(f"apx_cpu ini: unknown CPU profile {config.getini('apx_cpu')!r}; "
+                                f"choose from {', '.join(PROFILES)}")
     _configs.append(config)
 
 
@@ -80,6 +93,10 @@ def apx_backends(config: pytest.Config) -> tuple[str, ...]:
 
 def apx_qemu(config: pytest.Config) -> str | None:
     return config.getoption("apx_qemu") or config.getini("apx_qemu") or None
+
+
+def apx_cpu_profile(config: pytest.Config) -> str:
+    return config.getoption("apx_cpu") or config.getini("apx_cpu") or DEFAULT_PROFILE
 
 
 def apx_artifacts(config: pytest.Config) -> str | None:
@@ -145,7 +162,7 @@ def _junit_properties(p: Probe) -> dict[str, str]:
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     mode = "require (lab mode)" if apx_require(config) else "skip when unavailable"
-    return [f"apx: backends {','.join(apx_backends(config))}; {mode}"]
+    return [f"apx: backends {','.join(apx_backends(config))}; CPU profile {apx_cpu_profile(config)}; {mode}"]
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
@@ -166,6 +183,25 @@ def scenario_cases(config: pytest.Config) -> list[CaseId]:
     return cases(apx_backends(config))
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect tests marked apx_backend(NAME) whose backend --apx-backend left out: they
+    are not part of this run (not skips that would look like missing capabilities)."""
+    chosen = set(apx_backends(config))
+    keep, drop = [], []
+    for item in items:
+        marker = item.get_closest_marker("apx_backend")
+        unselected = marker is not None and marker.args[0] not in chosen
+        # The scenario test when no scenario backend was chosen (--apx-backend linux): an
+        # empty parametrization, which pytest would report as a skip.
+        callspec = getattr(item, "callspec", None)
+        empty = "apx_case" in getattr(item, "fixturenames", ()) and (
+            callspec is None or "apx_case" not in callspec.params)
+        (drop if unselected or empty else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "apx_case" in metafunc.fixturenames:
         chosen = scenario_cases(metafunc.config)
@@ -175,7 +211,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 @pytest.fixture(scope="session")
 def apx_case_runner(pytestconfig: pytest.Config):
     """One CaseRunner per session: each backend is opened once, closed at the end."""
-    with CaseRunner(qemu=apx_qemu(pytestconfig), artifacts=apx_artifacts(pytestconfig)) as runner:
+    with CaseRunner(qemu=apx_qemu(pytestconfig), artifacts=apx_artifacts(pytestconfig),
+                    profile=apx_cpu_profile(pytestconfig)) as runner:
         yield runner
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from .cases import CaseId
-from .plugin import apx_artifacts, apx_backends, get_probe
+from .plugin import apx_artifacts, apx_backends, apx_cpu_profile, get_probe
 from .report import ktap
 from .report.artifacts import REPORT, RunRecorder, finalize, safe_name
 from .report.records import TestRecord, one_line, parse_case_label
@@ -144,6 +144,7 @@ def _apx_junit_host_properties(request: pytest.FixtureRequest) -> None:
     record = request.getfixturevalue("record_testsuite_property")
     for name, value in host_properties(get_probe(config), apx_backends(config)).items():
         record(name, value)
+    record("apx.cpu_profile", apx_cpu_profile(config))
 
 
 # --- per test ---------------------------------------------------------------------------------------

@@ -85,12 +85,13 @@ def test_no_probe_no_probe_section(pytester):
 
 
 @pytest.mark.parametrize("args, ini, want", [
-    ([], None, ("kvm", "qemu-kvm", "qemu-tcg")),
+    ([], None, ("kvm", "qemu-kvm", "qemu-tcg", "qemu-tcg-linux")),
     (["--apx-backend", "kvm"], None, ("kvm",)),
-    (["--apx-backend", "qemu", "--apx-backend", "kvm"], None, ("kvm", "qemu-kvm", "qemu-tcg")),
-    ([], "qemu", ("qemu-kvm", "qemu-tcg")),
+    (["--apx-backend", "qemu", "--apx-backend", "kvm"], None, ("kvm", "qemu-kvm", "qemu-tcg", "qemu-tcg-linux")),
+    ([], "qemu", ("qemu-kvm", "qemu-tcg", "qemu-tcg-linux")),
     (["--apx-backend", "qemu-tcg"], None, ("qemu-tcg",)),
-    (["--apx-backend", "all"], "qemu", ("kvm", "qemu-kvm", "qemu-tcg")),
+    (["--apx-backend", "linux"], None, ("qemu-tcg-linux",)),
+    (["--apx-backend", "all"], "qemu", ("kvm", "qemu-kvm", "qemu-tcg", "qemu-tcg-linux")),
 ])
 def test_backend_selection(pytester, args, ini, want):
     if ini:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
+from .. import profiles
 from ..backend import Backend, BackendError, ImportRejected, Session
+from ..profiles import DEFAULT_PROFILE, PROFILES, CpuProfile
 from ..guests import protocol
 from ..xsave import Bank, Layout, XsaveError, XsaveImage
 from .system import Kvm, KvmError
@@ -19,8 +21,9 @@ class KvmHost:
     """What /dev/kvm offers, asked once per test session (KVM_GET_SUPPORTED_CPUID alone
     costs ~0.65 ms here, more than half a scenario)."""
 
-    def __init__(self, path: str = "/dev/kvm"):
+    def __init__(self, path: str = "/dev/kvm", profile: CpuProfile = PROFILES[DEFAULT_PROFILE]):
         self.path = path
+        self.profile = profile
         self.kvm = Kvm.open(path)
 
     def close(self) -> None:
@@ -40,7 +43,10 @@ class KvmHost:
 
     @cached_property
     def layout(self) -> Layout:
-        """The XSAVE layout KVM advertises to guests (its CPUID leaf 0xD)."""
+        """The XSAVE layout of KVM's XSAVE ABI: KVM's CPUID leaf 0xD, whatever the profile.
+        KVM_GET_XSAVE2 fills the buffer for every component KVM supports (PKRU's XSTATE_BV
+        bit is set even in a guest whose XCR0 lacks it), so images are read with KVM's
+        layout, not the guest's."""
         table = {(e.function, e.index): e.regs for e in self.supported_cpuid if e.function == 0xD}
         return Layout.from_cpuid(lambda leaf, sub: table.get((leaf, sub), (0, 0, 0, 0)),
                                  source="KVM_GET_SUPPORTED_CPUID")
@@ -52,10 +58,14 @@ class KvmHost:
 
     @cached_property
     def guest_cpu(self) -> GuestCpu:
-        """Every user component KVM supports except AMX: the guest runs with a realistic,
-        full XCR0 so a bank's load shows it leaves the other components alone."""
-        xcr0 = self.supported_xcr0 & USER_XCR0_MASK & ~AMX_MASK
-        return GuestCpu(xcr0, guest_cpuid(self.supported_cpuid, xcr0))
+        """Every user component KVM supports except AMX, within the CPU profile: the guest
+        runs with a realistic, full XCR0 so a bank's load shows it leaves the other
+        components alone."""
+        xcr0 = self.supported_xcr0 & USER_XCR0_MASK & ~AMX_MASK & self.profile.xcr0
+        return GuestCpu(xcr0, guest_cpuid(self.supported_cpuid, xcr0, self.profile))
+
+    def profile_unavailable(self) -> str | None:
+        return profiles.unavailable(self.profile, self.supported_xcr0, "KVM (supported XCR0)")
 
 
 @dataclass
@@ -75,9 +85,13 @@ class KvmBackend(Backend):
     def layout(self) -> Layout:
         return self.host.layout
 
+    def profile_unavailable(self) -> str | None:
+        return self.host.profile_unavailable()
+
     def unavailable_reason(self, bank: Bank) -> str | None:
         missing = bank.xcr0_mask & ~self.host.supported_xcr0
-        reasons = []
+        reasons = [why for why in (self.host.profile_unavailable(),
+                                   profiles.exclusion(self.host.profile, bank.xcr0_mask)) if why]
         if bank.name == "apx" and not self.host.apx_cpu:
             reasons.append("KVM_GET_SUPPORTED_CPUID lacks APX_F (CPUID.(EAX=7,ECX=1):EDX[21]=0)")
         if missing:

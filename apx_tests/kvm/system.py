@@ -87,6 +87,17 @@ class _Fd:
         self.close()
 
 
+def kvm_flavour(sysfs: str = "/sys/module") -> str | None:
+    """Which KVM serves /dev/kvm, from the loaded modules: "kvm_pvm" (the paravirtual KVM
+    of nested sandboxes), "kvm_intel", "kvm_amd", or None when none is loaded (a remote
+    /dev/kvm, or no sysfs).  Scenarios never branch on it; tests and reports name it,
+    because kvm_pvm hides standard-KVM behaviour (see docs/kvm.md)."""
+    for name in ("kvm_pvm", "kvm_intel", "kvm_amd"):
+        if os.path.isdir(os.path.join(sysfs, name)):
+            return name
+    return None
+
+
 class Kvm(_Fd):
     """/dev/kvm: system ioctls."""
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from ..guests import protocol
+from ..profiles import DEFAULT_PROFILE, PROFILES, CpuProfile, max_standard_size, restrict_cpuid
 from . import abi
 from .system import CpuidEntry, Kvm, KvmError, Vcpu, Vm, cpuid2_buffer
 
@@ -84,16 +85,22 @@ class GuestCpu:
         return cpuid2_buffer(self.cpuid)
 
 
-def guest_cpuid(supported: list[CpuidEntry], xcr0: int) -> tuple[CpuidEntry, ...]:
-    """KVM's supported CPUID with the feature bits for `xcr0` set.
+def guest_cpuid(supported: list[CpuidEntry], xcr0: int,
+                profile: CpuProfile = PROFILES[DEFAULT_PROFILE]) -> tuple[CpuidEntry, ...]:
+    """KVM's supported CPUID with the feature bits for `xcr0` set, limited to `profile`.
 
     Paravirtual KVM does not list XSAVE/AVX/AVX-512 in leaves 1 and 7 although leaf 0xD and
     the CPU support them, and KVM refuses CR4.OSXSAVE or XCR0 bits the guest CPUID lacks;
-    so we set the bits the enabled components need ourselves.
+    so we set the bits the enabled components need ourselves.  A restricting profile
+    clears the features of the components it excludes and trims leaf 0xD (KVM derives
+    the guest's allowed XCR0 from it), so KVM itself enforces the profile.
     """
+    table = {(e.function, e.index): restrict_cpuid(profile, e.function, e.index, e.regs) for e in supported}
     out = []
     for e in supported:
-        eax, ebx, ecx, edx = e.regs
+        eax, ebx, ecx, edx = table[(e.function, e.index)]
+        if e.function == 0xD and e.index == 0 and profile.restricts:
+            ecx = max_standard_size(table, eax | edx << 32)
         if e.function == 1:
             ecx |= 1 << 26  # XSAVE
             if xcr0 & 0x4:

@@ -41,8 +41,10 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable
 
+from .. import profiles
 from ..backend import Backend, BackendError, ImportRejected, Session
 from ..guests import boot, protocol
+from ..profiles import DEFAULT_PROFILE, PROFILES, CpuProfile
 from ..xsave import Bank, Layout, XsaveImage, narrower_names
 from ..xsave.layout import component_name
 from .machine import (Machine, MachineSpec, QemuError, QemuUnavailable, _private_tmp_root,
@@ -109,7 +111,7 @@ class QemuHost:
     `close()` removes the snapshot directory and kills any machine still open."""
 
     def __init__(self, accel: str, qemu: str | None = None, *, cpu: str | None = None,
-                 timeout: float = 10.0):
+                 timeout: float = 10.0, profile: CpuProfile = PROFILES[DEFAULT_PROFILE]):
         if accel not in FEATURES:
             raise ValueError(f"accel must be 'kvm' or 'tcg', not {accel!r}")
         self.accel = accel
@@ -119,6 +121,7 @@ class QemuHost:
             if why:
                 raise QemuUnavailable(f"qemu-kvm: -accel kvm needs /dev/kvm: {why}")
         self.cpu = cpu
+        self.profile = profile
         self.timeout = timeout
         self.clock = PhaseClock()
         self.artifacts: str | None = None
@@ -148,9 +151,16 @@ class QemuHost:
         return ".".join(map(str, self.version))
 
     @cached_property
+    def cpu_flags(self) -> frozenset[str]:
+        """The CPUID flag names `-cpu help` lists ("Recognized CPUID flags:")."""
+        text = self._run("-cpu", "help")
+        _, found, flags = text.partition("Recognized CPUID flags:")
+        return frozenset(flags.split()) if found else frozenset()
+
+    @property
     def apxf(self) -> bool:
         """`-cpu help` lists the apxf flag (QEMU >= 11)."""
-        return re.search(r"(?<![\w-])apxf(?![\w-])", self._run("-cpu", "help")) is not None
+        return "apxf" in self.cpu_flags
 
     @cached_property
     def kvm_host(self):
@@ -160,7 +170,7 @@ class QemuHost:
     def spec(self, kernel: str) -> MachineSpec:
         if kernel not in self._specs:
             self._specs[kernel] = MachineSpec.create(accel=self.accel, kernel=kernel, qemu=self.qemu,
-                                                     cpu=self.cpu, timeout=self.timeout)
+                                                     cpu=self.spec_cpu, timeout=self.timeout)
         return self._specs[kernel]
 
     @property
@@ -196,10 +206,39 @@ class QemuHost:
     def layout(self) -> Layout:
         return self.guest.layout(f"QEMU {self.accel} -cpu {self.spec_cpu} guest CPUID leaf 0xD")
 
-    @property
+    @cached_property
     def spec_cpu(self) -> str:
+        """`--apx-qemu-cpu`-style override, else the accelerator's model limited by the profile."""
         from .machine import KVM_CPU, TCG_CPU
-        return self.cpu or (KVM_CPU if self.accel == "kvm" else TCG_CPU)
+        if self.cpu:
+            return self.cpu
+        base = KVM_CPU if self.accel == "kvm" else TCG_CPU
+        return profiles.qemu_cpu(base, self.profile, self.cpu_flags) if self.profile.restricts else base
+
+    @property
+    def cpu_text(self) -> str:
+        """`-cpu` for messages: a profile's long feature list shortened to a count."""
+        base, _, minus = self.spec_cpu.partition(",-")
+        if not self.profile.restricts or self.cpu:
+            return self.spec_cpu
+        return f"{base} minus {len(minus.split(',-'))} {self.profile.name}-excluded features"
+
+    def profile_unavailable(self) -> str | None:
+        """Why this QEMU cannot provide the CPU profile, or None: the guest cannot enable
+        what the profile needs, or still enables what it excludes (measured on kvm_pvm:
+        its guests see the host's CPUID whatever QEMU sets, so `-avx` changes nothing)."""
+        if not self.profile.restricts:
+            return None
+        try:
+            guest = self.guest
+        except QemuError:
+            return None  # the boot problem is every case's failure, not a reason to skip
+        where = f"QEMU {self.accel} -cpu {self.cpu_text}"
+        extra = self.profile.excluded(guest.xcr0)
+        if extra:
+            return (f"{self.profile.describe()} not applied: under {where} the guest still enables XCR0 "
+                    f"{guest.xcr0:#x} ({profiles.bits_text(extra)}): this host's KVM ignores the CPUID QEMU sets")
+        return profiles.unavailable(self.profile, guest.xcr0, where)
 
     # ---- snapshots --------------------------------------------------------------------------
     def snapshot_path(self) -> str:
@@ -235,8 +274,9 @@ class QemuBackend(Backend):
     """Backend "qemu-kvm" or "qemu-tcg"."""
 
     def __init__(self, accel: str = "tcg", qemu: str | None = None, *, host: QemuHost | None = None,
-                 timeout: float = 10.0, cpu: str | None = None):
-        self.host = host or QemuHost(accel, qemu, cpu=cpu, timeout=timeout)
+                 timeout: float = 10.0, cpu: str | None = None,
+                 profile: CpuProfile = PROFILES[DEFAULT_PROFILE]):
+        self.host = host or QemuHost(accel, qemu, cpu=cpu, timeout=timeout, profile=profile)
         self.accel = self.host.accel
         self.name = f"qemu-{self.accel}"
         self.features = FEATURES[self.accel]
@@ -245,7 +285,18 @@ class QemuBackend(Backend):
     def layout(self) -> Layout:
         return self.host.layout
 
+    def profile_unavailable(self) -> str | None:
+        return self.host.profile_unavailable()
+
     def unavailable_reason(self, bank: Bank) -> str | None:
+        profile = self.host.profile
+        reasons = [why for why in (self.host.profile_unavailable(), profiles.exclusion(profile, bank.xcr0_mask))
+                   if why]
+        host_reason = self._host_reason(bank)
+        return "; ".join(reasons + ([host_reason] if host_reason else [])) or None
+
+    def _host_reason(self, bank: Bank) -> str | None:
+        """What this QEMU and host lack for `bank`, apart from what the profile took away."""
         if bank.name == "apx":
             if self.accel == "tcg":
                 return TCG_NO_APX
@@ -264,9 +315,9 @@ class QemuBackend(Backend):
             guest = self.host.guest
         except QemuError:
             return None  # the boot problem is the test's failure, not a reason to skip
-        missing = bank.xcr0_mask & ~guest.xcr0
+        missing = bank.xcr0_mask & ~guest.xcr0 & self.host.profile.xcr0
         if missing:
-            return (f"QEMU {self.accel} -cpu {self.host.spec_cpu}: the guest's XCR0 {guest.xcr0:#x} (all that "
+            return (f"QEMU {self.accel} -cpu {self.host.cpu_text}: the guest's XCR0 {guest.xcr0:#x} (all that "
                     f"CPUID.(EAX=0xD,ECX=0) offers) lacks {missing:#x} ({_names(missing)})")
         return None
 

@@ -131,6 +131,8 @@ class _BundlePayloads:
         os.environ["APX_GUESTS_DIR"] = target
 
 
+from ..profiles import PROFILES  # noqa: E402  (standard library + apx_tests only, like the rest)
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="apx.pyz", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -141,6 +143,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--workdir", metavar="DIR", help="private directory to use and remove at exit")
     run.add_argument("--watch-stdin", action="store_true", help="exit when stdin reaches EOF")
     run.add_argument("--no-probe", action="store_true", help="skip the host probe record")
+    run.add_argument("--cpu-profile", default="host", choices=sorted(PROFILES), metavar="PROFILE",
+                     help="CPU profile the backends give guests (apx_tests.profiles; --apx-cpu)")
     return parser
 
 
@@ -187,7 +191,7 @@ def _run(args: argparse.Namespace, bundle: str | None) -> int:
 
     from ..cases import CaseRunner
     counts = {"pass": 0, "fail": 0, "skip": 0}
-    with CaseRunner(_BundlePayloads(bundle, _workdir)) as runner:
+    with CaseRunner(_BundlePayloads(bundle, _workdir), profile=args.cpu_profile) as runner:
         for case_id in ids:
             result = runner.run(case_id)
             counts[result.outcome] += 1

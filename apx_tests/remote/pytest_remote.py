@@ -25,7 +25,7 @@ import threading
 import pytest
 
 from ..cases import CaseId
-from ..plugin import apx_skip_or_fail
+from ..plugin import apx_cpu_profile, apx_skip_or_fail
 from .hosts import HostSpec, HostSpecError, parse_hosts
 from .ssh import RemoteError, RemoteHost, SshOptions
 
@@ -97,6 +97,7 @@ def ssh_options(config: pytest.Config) -> SshOptions:
         connect_timeout=_seconds(config, "apx_ssh_timeout"),
         run_timeout=_seconds(config, "apx_remote_timeout"),
         python=_value(config, "apx_remote_python") or "python3",
+        cpu_profile=apx_cpu_profile(config),
     )
 
 

@@ -58,6 +58,7 @@ class SshOptions:
     connect_timeout: float = 15.0       # TCP connect, SSH banner, auth, each command
     run_timeout: float = 300.0          # longest silence from the agent while a case runs
     python: str = "python3"             # the remote interpreter (a command, may have args)
+    cpu_profile: str = "host"           # --apx-cpu, applied by the agent's backends
 
     @property
     def known_hosts_path(self) -> str:
@@ -305,7 +306,8 @@ class RemoteHost:
         python = " ".join(q(word) for word in shlex.split(self.options.python))
         directory = q(self.remote_dir)
         return (f"cd {directory} && echo {PID_MARKER} $$ && exec {python} -E -s {directory}/{BUNDLE_NAME} "
-                f"run-remote --json --watch-stdin --workdir {directory} --cases {q(','.join(self.cases))}")
+                f"run-remote --json --watch-stdin --workdir {directory} --cpu-profile {q(self.options.cpu_profile)} "
+                f"--cases {q(','.join(self.cases))}")
 
     def launch(self) -> None:
         try:

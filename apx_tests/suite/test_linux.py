@@ -25,28 +25,27 @@ import shutil
 
 import pytest
 
+from apx_tests.cases import LINUX_BACKEND
 from apx_tests.guests import build, linux
 from apx_tests.guests.linux import KernelUnavailable
-from apx_tests.plugin import apx_backends, apx_qemu, apx_skip_or_fail
+from apx_tests.plugin import apx_qemu, apx_skip_or_fail
 from apx_tests.qemu.linux_session import LinuxHolderRun, flip_target, unavailable_reason
 from apx_tests.qemu.machine import QemuUnavailable, find_qemu
 from apx_tests.xsave import BANKS
 
-pytestmark = pytest.mark.apx
+BACKEND = LINUX_BACKEND
+pytestmark = [pytest.mark.apx, pytest.mark.apx_backend(BACKEND)]
 
 BANK_ORDER = ("xmm", "ymm", "x87", "opmask", "zmm_hi256", "hi16_zmm", "apx")
-BACKEND = "qemu-tcg"
 
 
 def _case_id(kind: str):
-    return lambda bank: f"{BACKEND}-linux-{bank}-{kind}"
+    return lambda bank: f"{BACKEND}-{bank}-{kind}"
 
 
 @pytest.fixture(scope="module")
 def linux_env(pytestconfig):
     """QEMU, the guest kernel and the build tools, or a skip saying which is missing."""
-    if BACKEND not in apx_backends(pytestconfig):
-        pytest.skip(f"{BACKEND} not selected (--apx-backend)")
     try:
         qemu = find_qemu(apx_qemu(pytestconfig))
     except QemuUnavailable as exc:
