@@ -69,6 +69,11 @@ class Session(abc.ABC):
         bytes for what they can see, possibly under a narrower name (xmm3 of ymm3)."""
         return {}
 
+    def debugger_offer(self) -> str:
+        """What the debugger of the last debugger_write/view offered, for reasons
+        ("gdbstub features org.gnu.gdb.i386.core"); empty when there is none."""
+        return ""
+
     @abc.abstractmethod
     def import_image(self, image: XsaveImage) -> None: ...
 

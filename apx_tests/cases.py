@@ -30,7 +30,7 @@ from .kvm.backend import KvmSession
 from .probe import BANK_ORDER
 from .profiles import DEFAULT_PROFILE
 from .qemu.backend import FEATURES as QEMU_FEATURES
-from .scenarios import SCENARIOS, Run, ScenarioFailure
+from .scenarios import SCENARIOS, Run, ScenarioFailure, ScenarioNotApplicable
 from .xsave import BANKS
 
 OUTCOMES = ("pass", "fail", "skip")
@@ -215,6 +215,9 @@ class CaseRunner:
                     if self.prepare_run is not None:
                         self.prepare_run(case, run)
                     SCENARIOS[case.scenario].run(run)
+            except ScenarioNotApplicable as why:
+                return CaseResult(case_id, "skip", [f"{case_id}: {why}"],
+                                  require_applies=case.bank == "apx", facts=facts)
             except ScenarioFailure as failure:
                 lines = list(failure.lines) or [""]
                 return CaseResult(case_id, "fail", [f"{case_id}: {lines[0]}", *lines[1:]], facts=facts)

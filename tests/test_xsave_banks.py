@@ -137,3 +137,26 @@ def test_pkru_pattern_leaves_key0_accessible():
     for stage in range(256):
         (value,) = BANKS["pkru"].pattern(stage).values()
         assert value[0] & 0x3 == 0 and all(value)
+
+
+# --- coverage in bytes: what a partial path (a debugger, a monitor) reaches ---------------
+# Expected numbers by hand: ymm = xmm (16 x 16 B, component 1) + upper halves (16 x 16 B,
+# component 2); zmm_hi256 adds 16 x 32 B of component 6; zmm16-31 are 16 x 64 B of 7.
+
+def test_own_component_is_the_banks_highest():
+    from apx_tests.xsave import BANKS
+    assert {name: BANKS[name].own_component for name in
+            ("x87", "xmm", "ymm", "zmm_hi256", "hi16_zmm", "opmask", "apx")} == \
+        {"x87": 0, "xmm": 1, "ymm": 2, "zmm_hi256": 6, "hi16_zmm": 7, "opmask": 5, "apx": 19}
+
+
+def test_byte_coverage_of_narrower_views():
+    from apx_tests.xsave import BANKS
+    xmm_only = {f"ymm{i}": 16 for i in range(16)}
+    assert BANKS["ymm"].byte_coverage(xmm_only) == {1: (256, 256), 2: (0, 256)}
+    ymm_only = {f"zmm{i}": 32 for i in range(16)}
+    assert BANKS["zmm_hi256"].byte_coverage(ymm_only) == {1: (256, 256), 2: (256, 256), 6: (0, 512)}
+    assert BANKS["hi16_zmm"].byte_coverage({}) == {7: (0, 1024)}
+    assert BANKS["ymm"].byte_coverage({"ymm3": 32, "ymm4": 20}) == {1: (32, 256), 2: (20, 256)}
+    assert BANKS["ymm"].coverage_text(xmm_only) == \
+        "0/256 bytes of component 2 (avx), 256/256 bytes of component 1 (sse)"

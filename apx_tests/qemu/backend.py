@@ -521,6 +521,10 @@ class QemuSession(Session):
             return written
         return self._with_gdb("gdb write", write)
 
+    def debugger_offer(self) -> str:
+        features = getattr(self, "_gdb_features", None)
+        return f"gdbstub features {', '.join(features)}" if features else ""
+
     def _with_gdb(self, what: str, work):
         """Attach gdb (stops the VM), do `work(gdb, offered register names)`, detach (resumes
         it); the VM runs again afterwards, also when gdb failed (a stopped guest would only
@@ -531,7 +535,9 @@ class QemuSession(Session):
                              transcript_path=self._gdb_transcript_path())
             try:
                 gdb.connect()
-                result = work(gdb, set(gdb.register_names()))
+                offered = set(gdb.register_names())
+                self._gdb_features = sorted(gdb.features())
+                result = work(gdb, offered)
                 gdb.detach()
             except GdbError as exc:
                 raise BackendError(f"{self.where}: {what}: {exc}") from None

@@ -2,6 +2,6 @@
 import -> the guest verifies."""
 
 from .catalog import SCENARIOS, Scenario
-from .engine import Run, ScenarioFailure
+from .engine import Run, ScenarioFailure, ScenarioNotApplicable
 
-__all__ = ["SCENARIOS", "Scenario", "Run", "ScenarioFailure"]
+__all__ = ["SCENARIOS", "Scenario", "Run", "ScenarioFailure", "ScenarioNotApplicable"]

@@ -18,6 +18,11 @@ from ..xsave import Bank, XsaveImage, diff_images, diff_registers, narrower_name
 LOADED, IMPORTED, GARBAGE = 1, 2, 3
 
 
+class ScenarioNotApplicable(Exception):
+    """The scenario cannot check this bank here (e.g. the debugger reaches none of its own
+    component's bytes): the case is a skip with this one-line reason, not a pass."""
+
+
 class ScenarioFailure(AssertionError):
     """The scenario saw something wrong; one line per finding."""
 
@@ -123,19 +128,26 @@ def compare_images(want: XsaveImage, got: XsaveImage, bank: Bank, *, what: str) 
     return lines
 
 
-def check_view(view: dict[str, bytes], expected: dict[str, bytes], *, what: str) -> tuple[list[str], int]:
+def check_view(view: dict[str, bytes], expected: dict[str, bytes], *, what: str
+               ) -> tuple[list[str], dict[str, int]]:
     """Compare a partial view with expected values: each register under its own name, or
     the low bytes under a narrower one (gdb on QEMU 10 shows ymm3 only as xmm3).
-    Returns (failure lines, how many registers the view covered)."""
-    lines, covered = [], 0
+    Returns (failure lines, register -> how many of its low bytes the view showed): what
+    a view covers is counted in bytes (Bank.byte_coverage), never as whole registers."""
+    lines, covered = [], {}
     for name, want in expected.items():
         for shown in [name, *narrower_names(name)]:
             if shown in view:
-                covered += 1
                 got = view[shown]
+                covered[name] = min(len(got), len(want))
                 lines += [f"{what}: {d}" for d in diff_registers({shown: want[:len(got)]}, {shown: got})]
                 break
     return lines, covered
+
+
+def reaches_own_component(bank: Bank, widths: dict[str, int]) -> bool:
+    reached, _ = bank.byte_coverage(widths)[bank.own_component]
+    return reached > 0
 
 
 def check_components_present(image: XsaveImage, bank: Bank, *, what: str) -> list[str]:

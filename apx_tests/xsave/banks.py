@@ -119,6 +119,34 @@ class Bank:
             mask |= 1 << c
         return mask
 
+    @cached_property
+    def own_component(self) -> int:
+        """The component that makes this bank what it is: its highest (ymm: 2, the upper
+        halves; zmm_hi256: 6).  A path reaching only the lower ones (xmm0-15 of ymm)
+        checks another bank's bytes, not this one's."""
+        return max(self.components)
+
+    def byte_coverage(self, widths: dict[str, int]) -> dict[int, tuple[int, int]]:
+        """component -> (bytes reached, bytes the bank has there), given how many low
+        bytes of each register a path (a debugger, a monitor) reached; registers absent
+        from ``widths`` were not reached at all."""
+        out = {c: [0, 0] for c in self.components}
+        for reg in self.registers:
+            reached = min(widths.get(reg.name, 0), reg.width)
+            for slot in reg.slots:
+                out[slot.component][1] += slot.size
+                out[slot.component][0] += max(0, min(slot.size, reached))
+                reached -= slot.size
+        return {c: (got, total) for c, (got, total) in out.items()}
+
+    def coverage_text(self, widths: dict[str, int]) -> str:
+        """'0/256 bytes of component 2 (avx), 256/256 of component 1 (sse)': own component first."""
+        from .layout import component_name
+        cov = self.byte_coverage(widths)
+        order = [self.own_component] + [c for c in self.components if c != self.own_component]
+        parts = [f"{cov[c][0]}/{cov[c][1]} bytes of component {c} ({component_name(c)})" for c in order]
+        return ", ".join(parts)
+
     def available(self, xcr0: int) -> bool:
         """True when every XCR0 bit the bank needs is in ``xcr0``."""
         return self.xcr0_mask & ~xcr0 == 0
