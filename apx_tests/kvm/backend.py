@@ -68,6 +68,34 @@ class KvmHost:
         return profiles.unavailable(self.profile, self.supported_xcr0, "KVM (supported XCR0)")
 
 
+class RecordedKvmHost(KvmHost):
+    """KVM's facts from a host description (apx_tests.hostdesc.KvmDescription) instead of
+    /dev/kvm: the same answers to "which cases run here, and why not" as on that host,
+    for hosts we do not have (an APX lab machine, an AVX-512 Xeon).  It runs no guest."""
+
+    def __init__(self, description, profile: CpuProfile = PROFILES[DEFAULT_PROFILE], *,
+                 name: str = "a host description"):
+        self.path = name
+        self.profile = profile
+        self.kvm = None
+        self.description = description
+
+    def close(self) -> None:
+        pass
+
+    @cached_property
+    def supported_cpuid(self):
+        return self.description.entries()
+
+    @cached_property
+    def supported_xcr0(self) -> int:
+        return self.description.supported_xcr0
+
+    @cached_property
+    def xsave2_size(self) -> int:
+        return self.description.xsave2_size
+
+
 @dataclass
 class KvmSnapshot:
     state: VcpuState
