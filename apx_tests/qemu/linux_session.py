@@ -262,7 +262,7 @@ class LinuxHolderRun:
     def __init__(self, bank: str, *, ctx: bool = False, load: int = 1, expect: int | None = None,
                  accel: str = "tcg", qemu: str | None = None, kernel: str | os.PathLike | None = None,
                  timeout: float = TIMEOUT, artifacts: str | os.PathLike | None = None,
-                 ctx_settle: float = CTX_SETTLE):
+                 ctx_settle: float = CTX_SETTLE, cpu: str | None = None):
         if bank not in BANKS:
             raise ValueError(f"no bank {bank!r} (have {', '.join(BANKS)})")
         if ctx and expect is not None:
@@ -272,6 +272,7 @@ class LinuxHolderRun:
         self.load = load
         self.expect = load if expect is None else expect
         self.accel = accel
+        self.cpu = cpu  # -cpu (a CPU profile's, apx_tests.profiles); None: the accelerator's default
         self.qemu = qemu
         self.kernel = kernel
         self.timeout = timeout
@@ -323,7 +324,7 @@ class LinuxHolderRun:
                                        release="console", exit_port=0xF4, accel=self.accel)
         try:
             self.spec = MachineSpec.create(accel=self.accel, kernel=self.guest.kernel, qemu=self.qemu,
-                                           memory_mib=LINUX_MEMORY_MIB, machine=LINUX_MACHINE, console=True,
+                                           cpu=self.cpu, memory_mib=LINUX_MEMORY_MIB, machine=LINUX_MACHINE, console=True,
                                            timeout=QEMU_TIMEOUT,
                                            extra=("-initrd", str(self.guest.initramfs), "-append", self.guest.cmdline))
         except QemuError as exc:

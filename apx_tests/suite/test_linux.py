@@ -28,7 +28,9 @@ import pytest
 from apx_tests.cases import LINUX_BACKEND
 from apx_tests.guests import build, linux
 from apx_tests.guests.linux import KernelUnavailable
-from apx_tests.plugin import apx_qemu, apx_skip_or_fail
+from apx_tests.plugin import apx_cpu_profile, apx_qemu, apx_skip_or_fail
+from apx_tests.profiles import PROFILES, exclusion
+from apx_tests.qemu.backend import QemuHost
 from apx_tests.qemu.linux_session import LinuxHolderRun, flip_target, unavailable_reason
 from apx_tests.qemu.machine import QemuUnavailable, find_qemu
 from apx_tests.xsave import BANKS
@@ -45,7 +47,8 @@ def _case_id(kind: str):
 
 @pytest.fixture(scope="module")
 def linux_env(pytestconfig):
-    """QEMU, the guest kernel and the build tools, or a skip saying which is missing."""
+    """QEMU, the guest kernel, the build tools and the CPU profile's `-cpu`, or a skip
+    saying which is missing."""
     try:
         qemu = find_qemu(apx_qemu(pytestconfig))
     except QemuUnavailable as exc:
@@ -56,15 +59,29 @@ def linux_env(pytestconfig):
         kernel = linux.find_kernel(fetch=False)
     except KernelUnavailable as exc:
         pytest.skip(str(exc))
-    return {"qemu": qemu, "kernel": kernel}
+    profile = PROFILES[apx_cpu_profile(pytestconfig)]
+    if not profile.restricts:
+        yield {"qemu": qemu, "kernel": kernel, "cpu": None, "profile_unavailable": None}
+        return
+    # The profile's -cpu for TCG, and whether TCG's guest can provide it: one probe boot of
+    # the QEMU backend's stub under that -cpu (the Linux guest's CPU is the same model).
+    host = QemuHost("tcg", qemu, profile=profile)
+    try:
+        yield {"qemu": qemu, "kernel": kernel, "cpu": host.spec_cpu,
+               "profile_unavailable": host.profile_unavailable()}
+    finally:
+        host.close()
 
 
 def _env(request, bank: str, case_id: str) -> dict:
-    reason = unavailable_reason(bank, "tcg")
-    if reason:
-        message = f"{case_id}: {reason}"
-        if bank == "apx":
-            apx_skip_or_fail(message, request.config)  # lab mode: APX must run
+    env = request.getfixturevalue("linux_env")
+    profile = PROFILES[apx_cpu_profile(request.config)]
+    reasons = [why for why in (env["profile_unavailable"], exclusion(profile, BANKS[bank].xcr0_mask),
+                               unavailable_reason(bank, "tcg")) if why]
+    if reasons:
+        message = f"{case_id}: {'; '.join(reasons)}"
+        if bank == "apx" or env["profile_unavailable"]:
+            apx_skip_or_fail(message, request.config)  # lab mode: APX / the asked-for profile must run
         try:  # reported at the test, not at this helper (what skipif markers do)
             exc = pytest.skip.Exception(message, _use_item_location=True)
         except TypeError:  # a pytest without that keyword
@@ -73,7 +90,7 @@ def _env(request, bank: str, case_id: str) -> dict:
     # Artifacts go to this test's own folder (kept only if it fails: apx_tests.report_pytest).
     artifacts = request.getfixturevalue("apx_test_artifacts")
     request.getfixturevalue("apx_progress")(f"booting Linux guest (TCG) for {bank}…")
-    return {**request.getfixturevalue("linux_env"),
+    return {"qemu": env["qemu"], "kernel": env["kernel"], "cpu": env["cpu"],
             "artifacts": None if artifacts is None else str(artifacts)}
 
 
