@@ -36,9 +36,10 @@ class build_py_with_guests(build_py):
             shutil.rmtree(stale, ignore_errors=True)
         shutil.copytree(ROOT / "guests", shipped)
         prebuilt.mkdir(parents=True)
-        # Assemble exactly the sources copied above, whatever $APX_GUESTS_DIR says.
+        # Assemble exactly the sources copied above, whatever $APX_GUESTS_DIR says (errors then
+        # name guests/payload/<bank>.S, the file to fix).
         saved = os.environ.get("APX_GUESTS_DIR")
-        os.environ["APX_GUESTS_DIR"] = str(shipped)
+        os.environ["APX_GUESTS_DIR"] = str(ROOT / "guests")
         try:
             _, errors = build.write_prebuilt(lambda name, data: (prebuilt / name).write_bytes(data),
                                              boot_stub=True)
