@@ -81,9 +81,7 @@ def one_line_errors(output: str, host: str) -> list[str]:
 
 def test_remote_run_has_the_local_outcomes(sshd, local_outcomes, tmp_path):
     junit = tmp_path / "remote.xml"
-    started = time.monotonic()
     proc = run_apx_suite(REPO, junit, *remote_args(sshd))
-    elapsed = time.monotonic() - started
     assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-2000:]
     remote = [o for o in junit_outcomes(junit) if o.host is not None]
     assert {o.host for o in remote} == {sshd.host_arg}
@@ -94,7 +92,6 @@ def test_remote_run_has_the_local_outcomes(sshd, local_outcomes, tmp_path):
     assert got == want
     assert f"{sshd.host_arg}: {len(want)}/{len(want)} cases reported" in proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr
-    assert elapsed < 60
     log = sshd.log_text()
     assert "Accepted publickey for root" in log and "Connection from 127.0.0.1" in log
 

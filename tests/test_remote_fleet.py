@@ -50,10 +50,8 @@ def _run(fleet, tmp_path, *more):
     first, second, known = fleet
     junit = tmp_path / "fleet.xml"
     before = set(glob.glob("/tmp/apx-remote.*"))
-    started = time.monotonic()
     proc = run_apx_suite(REPO, junit, "--apx-host", first.host_arg, "--apx-host", second.host_arg,
                          "--apx-known-hosts", str(known), "--apx-ssh-key", str(first.client_key), *more)
-    elapsed = time.monotonic() - started
     assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "Traceback" not in proc.stdout + proc.stderr
     deadline = time.monotonic() + 15
@@ -62,12 +60,12 @@ def _run(fleet, tmp_path, *more):
         time.sleep(0.1)
     assert processes_matching("run-remote") == []
     assert set(glob.glob("/tmp/apx-remote.*")) - before == set()
-    return proc, [o for o in junit_outcomes(junit) if o.host is not None], elapsed
+    return proc, [o for o in junit_outcomes(junit) if o.host is not None]
 
 
 def test_split_spreads_the_cases_over_both_hosts(fleet, local_outcomes, tmp_path):
     first, second, _ = fleet
-    proc, outcomes, elapsed = _run(fleet, tmp_path)
+    proc, outcomes = _run(fleet, tmp_path)
     per_host = collections.Counter(o.host for o in outcomes)
     assert set(per_host) == {first.host_arg, second.host_arg}
     assert abs(per_host[first.host_arg] - per_host[second.host_arg]) <= 1, per_host  # round-robin
@@ -78,12 +76,11 @@ def test_split_spreads_the_cases_over_both_hosts(fleet, local_outcomes, tmp_path
     for server in (first, second):
         assert f"{server.host_arg}: {per_host[server.host_arg]}/{per_host[server.host_arg]} cases reported" \
             in proc.stdout
-    assert elapsed < 60
 
 
 def test_each_runs_every_case_on_every_host(fleet, local_outcomes, tmp_path):
     first, second, _ = fleet
-    _, outcomes, _ = _run(fleet, tmp_path, "--apx-fleet", "each", "-k", "kvm-ymm- or kvm-apx-")
+    _, outcomes = _run(fleet, tmp_path, "--apx-fleet", "each", "-k", "kvm-ymm- or kvm-apx-")
     by_host = collections.defaultdict(dict)
     for o in outcomes:
         by_host[o.host][o.case] = o.outcome
