@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
+import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -91,6 +93,31 @@ def tcg_bank():
         backend.host.close()
 
 
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields from /proc/cpuinfo."""
+    fields = {}
+    with open("/proc/cpuinfo") as fh:
+        for line in fh:
+            if not line.strip():
+                break
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
+    return fields
+
+
+def _gdb_version() -> str:
+    """What apx.gdb must say, from gdb itself: the version at the end of `gdb --version`'s
+    first line ("GNU gdb (Debian 13.1-3) 13.1" -> "13.1"), or "unavailable: ..." naming
+    gdb as missing when there is none on PATH."""
+    gdb = shutil.which("gdb")
+    if gdb is None:
+        return "unavailable: gdb: not found in PATH"
+    first = subprocess.run([gdb, "--version"], capture_output=True, text=True, timeout=60).stdout.splitlines()[0]
+    match = re.match(r"\d+(?:\.\d+)+", first.split()[-1])
+    assert match, f"gdb --version: {first!r}"
+    return match.group(0)
+
+
 def _junit(path: Path):
     suite = ET.parse(path).getroot().find("testsuite")
     found = suite.find("properties")
@@ -128,13 +155,15 @@ def test_one_injected_failure_gives_junit_ktap_and_artifacts(pytester, kvm_bank)
                  "apx.cpu.microcode", "apx.kernel", "apx.kvm.supported_xcr0", "apx.kvm.cap_xsave2",
                  "apx.qemu", "apx.gdb", "apx.accel", "apx.backends", "apx.host"):
         assert host.get(name), name
-    assert host["apx.cpu.vendor"] == p.cpu.vendor and host["apx.cpu.family"] == str(p.cpu.family)
-    assert host["apx.cpu.microcode"] == (f"{p.cpu.microcode:#x}" if p.cpu.microcode is not None else "unknown")
+    cpuinfo = _cpuinfo()  # the kernel's view, not the probe's CPUID decoding
+    assert host["apx.cpu.vendor"] == cpuinfo["vendor_id"] and host["apx.cpu.family"] == cpuinfo["cpu family"]
+    assert host["apx.cpu.model"] == cpuinfo["model"]
+    assert host["apx.cpu.microcode"] == (f"{int(cpuinfo['microcode'], 16):#x}" if "microcode" in cpuinfo else "unknown")
     assert host["apx.kernel"] == os.uname().release
     assert host["apx.kvm.supported_xcr0"] == f"{p.kvm.supported_xcr0:#x}"
     assert host["apx.kvm.cap_xsave2"] == str(p.kvm.xsave2_size)
     assert host["apx.accel"] == "kvm" and host["apx.backends"] == "kvm"
-    assert host["apx.gdb"] == (p.gdb.version or host["apx.gdb"])
+    assert host["apx.gdb"] == _gdb_version(), host["apx.gdb"]
     assert len(cases) == sum(outcomes.get(k, 0) for k in ("passed", "failed", "skipped"))
     for name, (case, cprops) in cases.items():
         label = name[name.index("[") + 1:-1]
