@@ -1,10 +1,12 @@
 """apx_tests.qemu.hmp: HMP ``info registers`` from real QEMU 10 processes, parsed.
 
 Every parser test works on text captured from a QEMU started by the test itself (reset
-state and the long-mode guest of tests/test_qemu_gdb.py, under TCG and KVM).  The
-formats this machine cannot produce (ZMM/Opmask need AVX-512 in XCR0; R16-R31 need a
-QEMU with APX) are tested on captured text rewritten into the format of QEMU's
-target/i386/cpu-dump.c -- said so where it is done.
+state and the long-mode guest of tests/test_qemu_gdb.py, under TCG and KVM).  ZMM/Opmask
+lines (AVX-512 in the guest XCR0) and R16-R31 (a QEMU and KVM with APX) come from a real
+capture wherever a QEMU here can make one (test_qemu_migration.RealCaptures: the
+project's payload loads the bank, HMP is read at that point).  Only on hosts where none
+can is captured text rewritten into the format of QEMU's target/i386/cpu-dump.c; those
+synthetic tests skip, saying so, where the real capture runs.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from test_qemu_gdb import (  # shared QEMU launcher, guest and fixtures (same te
     stage2_vm,  # noqa: F401  (fixture)
     vm,  # noqa: F401  (fixture)
 )
+
+from test_qemu_migration import AVX512_BANKS, real_capture  # noqa: F401,E402  (fixture: real captures)
 
 pytestmark = [
     pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 not installed (ci/bootstrap installs it)"),
@@ -148,7 +152,47 @@ def _apx_text(text: str) -> str:
     return "\n".join(lines[:at + 1] + apx + lines[at + 1:]) + "\n"
 
 
-def test_zmm_and_opmask_format(long_vm):
+def _qwords_high_first(value: bytes) -> str:
+    """How cpu-dump.c prints a vector register: its quadwords, most significant first."""
+    return " ".join(value[8 * q:8 * q + 8][::-1].hex() for q in range(len(value) // 8 - 1, -1, -1))
+
+
+@pytest.mark.parametrize("bank", [*AVX512_BANKS, "apx"])
+def test_real_zmm_opmask_and_apx_lines(real_capture, bank):
+    """HMP text from a real QEMU whose guest loaded pattern(1) into the bank (KVM on an
+    AVX-512 or APX host): the lines are in cpu-dump.c's format (checked on the text, by
+    hand) and the parser returns exactly the loaded bytes."""
+    from apx_tests.xsave import BANKS
+    capture = real_capture.get(bank)
+    text, want = capture.hmp, BANKS[bank].pattern(1)
+    regs = parse_info_registers(text)
+    assert {name: regs.get(name) for name in want} == want
+    for name, value in want.items():
+        if name.startswith("zmm"):
+            assert f"ZMM{int(name[3:]):02d}={_qwords_high_first(value)}" in text, name
+        elif name.startswith("k"):
+            assert f"Opmask{int(name[1:]):02d}={value[::-1].hex()}" in text, name
+        else:
+            assert re.search(rf"\bR{int(name[1:])}={value[::-1].hex()}\b", text, re.I), name
+    if bank != "apx":
+        assert sorted(n for n in regs if n.startswith("zmm")) == sorted(f"zmm{i}" for i in range(32))
+        assert sorted(n for n in regs if re.fullmatch(r"k\d", n)) == [f"k{i}" for i in range(8)]
+        assert all(regs[f"ymm{i}"] == regs[f"zmm{i}"][:32] and regs[f"xmm{i}"] == regs[f"zmm{i}"][:16]
+                   for i in range(16))
+
+
+def _no_real_capture(real_capture, banks) -> None:
+    """Skip a synthetic-text test where every one of `banks` has a real capture here."""
+    able = [real_capture.accel(bank)[0] for bank in banks]
+    if all(able):
+        pytest.skip(f"qemu-{able[0]} here prints real {'/'.join(banks)} lines: "
+                    "test_real_zmm_opmask_and_apx_lines reads those instead")
+
+
+def test_zmm_and_opmask_format(real_capture, accel, request):
+    """Hosts whose QEMU cannot print ZMM/Opmask lines: captured text rewritten."""
+    _no_real_capture(real_capture, AVX512_BANKS)
+    long_vm = request.getfixturevalue("long_vm")
     regs = parse_info_registers(_zmm_text(read_info_registers(long_vm.qmp)))
     for i in range(32):
         expect = b"".join(u64((i << 8) | q) for q in range(8))
@@ -161,7 +205,10 @@ def test_zmm_and_opmask_format(long_vm):
         assert regs[f"k{i}"] == u64((0x1111111111111111 * (i + 1)) & (2**64 - 1))
 
 
-def test_apx_gpr_lines(long_vm):
+def test_apx_gpr_lines(real_capture, accel, request):
+    """Hosts whose QEMU cannot print R16-R31: captured text rewritten."""
+    _no_real_capture(real_capture, ("apx",))
+    long_vm = request.getfixturevalue("long_vm")
     regs = parse_info_registers(_apx_text(read_info_registers(long_vm.qmp)))
     for n in range(16, 32):
         assert regs[f"r{n}"] == u64(0xABC0 + n) and len(regs[f"r{n}"]) == register(f"r{n}").width
