@@ -13,11 +13,18 @@
  * The kernel saves and restores all register state around a signal handler,
  * so the bank survives the emulated exits just as it survives a VM exit.
  *
- * usage: guests_harness PAYLOAD.bin MAILBOX_IN OUT
- * exit:  the status the payload reported (1 ok, 2 mismatch); 77 when the CPU
- *        or kernel does not enable the bank (SIGILL); >= 100 harness errors.
+ * Before running the payload, the harness asks CPUID and XGETBV whether the
+ * bank is there: when a feature bit or an XCR0 bit the bank needs is clear it
+ * exits 77 naming every missing bit, and the payload never runs.  A SIGILL
+ * after that check said the bank is enabled is a failure (105), not a skip.
+ *
+ * usage: guests_harness PAYLOAD.bin MAILBOX_IN OUT BANK
+ * exit:  the status the payload reported (1 ok, 2 mismatch); 77 when CPUID or
+ *        XCR0 says the bank is absent (the bits on stderr); 105 SIGILL although
+ *        the bank is enabled; >= 100 other harness errors.
  */
 #define _GNU_SOURCE
+#include <cpuid.h>
 #include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
@@ -99,10 +106,87 @@ static void on_sigsegv(int sig, siginfo_t *info, void *context)
     uc->uc_mcontext.gregs[REG_RIP] += 2; /* step over the out */
 }
 
-static void on_sigill(int sig)
+/* ---- is the bank there?  CPUID bits and XCR0 bits per bank (docs/guests.md) ---- */
+
+struct cpuid_bit {
+    unsigned leaf, subleaf;
+    char reg;         /* 'b', 'c' or 'd' */
+    unsigned bit;
+    const char *name;
+};
+
+static const struct cpuid_bit FPU = {1, 0, 'd', 0, "FPU"}, SSE = {1, 0, 'd', 25, "SSE"},
+    SSE2 = {1, 0, 'd', 26, "SSE2"}, OSXSAVE = {1, 0, 'c', 27, "OSXSAVE"}, AVX = {1, 0, 'c', 28, "AVX"},
+    AVX512F = {7, 0, 'b', 16, "AVX512F"}, AVX512BW = {7, 0, 'b', 30, "AVX512BW"},
+    APX_F = {7, 1, 'd', 21, "APX_F"};
+
+struct bank_need {
+    const char *bank;
+    const struct cpuid_bit *bits[5];
+    uint64_t xcr0;    /* XCR0 bits the bank needs (0: none, legacy state) */
+};
+
+static const struct bank_need NEEDS[] = {
+    {"x87", {&FPU}, 0},
+    {"xmm", {&SSE, &SSE2}, 0},
+    {"ymm", {&OSXSAVE, &AVX}, 0x7},
+    {"zmm_hi256", {&OSXSAVE, &AVX, &AVX512F}, 0xE7},
+    {"hi16_zmm", {&OSXSAVE, &AVX, &AVX512F}, 0xE7},
+    {"opmask", {&OSXSAVE, &AVX, &AVX512F, &AVX512BW}, 0xE7},
+    {"apx", {&OSXSAVE, &APX_F}, 1ull << 19},
+};
+
+static const char *XCR0_NAMES[20] = {"x87", "sse", "avx", "bndregs", "bndcsr", "opmask", "zmm_hi256",
+                                     "hi16_zmm", "pt", "pkru", [19] = "apx"};
+static const struct bank_need *bank_need;
+static char bank_facts[512];
+
+static int cpuid_has(const struct cpuid_bit *b)
 {
-    (void)sig;
-    die("harness: illegal instruction (bank not enabled on this CPU/kernel)\n", 77);
+    unsigned a, bx, c, d, max = __get_cpuid_max(0, NULL);
+    if (b->leaf > max)
+        return 0;
+    __cpuid_count(b->leaf, b->subleaf, a, bx, c, d);
+    unsigned r = b->reg == 'b' ? bx : b->reg == 'c' ? c : d;
+    return r >> b->bit & 1;
+}
+
+static uint64_t xgetbv0(void)
+{
+    uint32_t lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return (uint64_t)hi << 32 | lo;
+}
+
+/* 1: CPUID and XCR0 say the bank is enabled; 0: absent, `why` names every missing bit. */
+static int bank_enabled(const struct bank_need *need, char *why, size_t size)
+{
+    size_t n = 0;
+    why[0] = 0;
+    for (int i = 0; i < 5 && need->bits[i]; i++) {
+        const struct cpuid_bit *b = need->bits[i];
+        if (!cpuid_has(b))
+            n += snprintf(why + n, n < size ? size - n : 0, "%sCPUID.(EAX=%#x,ECX=%u):E%cX[%u] (%s)=0",
+                          n ? "; " : "", b->leaf, b->subleaf, b->reg - 'a' + 'A', b->bit, b->name);
+    }
+    if (need->xcr0 && cpuid_has(&OSXSAVE)) {
+        uint64_t xcr0 = xgetbv0(), missing = need->xcr0 & ~xcr0;
+        for (int bit = 0; bit < 20; bit++)
+            if (missing >> bit & 1)
+                n += snprintf(why + n, n < size ? size - n : 0, "%sXCR0 %#llx lacks bit %d (%s)", n ? "; " : "",
+                              (unsigned long long)xcr0, bit, XCR0_NAMES[bit] ? XCR0_NAMES[bit] : "?");
+    }
+    return n == 0;
+}
+
+static void on_sigill(int sig, siginfo_t *info, void *context)
+{
+    (void)sig, (void)context;
+    char line[700];
+    int n = snprintf(line, sizeof line, "harness: SIGILL at %p, yet bank %s is enabled (%s)\n",
+                     info->si_addr, bank_need->bank, bank_facts);
+    (void)!write(2, line, n);
+    _exit(105);
 }
 
 static void *release_stage1(void *unused)
@@ -122,9 +206,25 @@ static void *release_stage1(void *unused)
 
 int main(int argc, char **argv)
 {
-    if (argc != 4)
-        die("usage: guests_harness PAYLOAD.bin MAILBOX_IN OUT\n", 100);
+    if (argc != 5)
+        die("usage: guests_harness PAYLOAD.bin MAILBOX_IN OUT BANK\n", 100);
     out_path = argv[3];
+    for (size_t i = 0; i < sizeof NEEDS / sizeof NEEDS[0]; i++)
+        if (strcmp(NEEDS[i].bank, argv[4]) == 0)
+            bank_need = &NEEDS[i];
+    if (!bank_need)
+        die("harness: unknown bank\n", 100);
+    char why[512];
+    if (!bank_enabled(bank_need, why, sizeof why)) {
+        char line[600];
+        int n = snprintf(line, sizeof line, "harness: bank %s not enabled: %s\n", bank_need->bank, why);
+        (void)!write(2, line, n);
+        return 77;
+    }
+    if (bank_need->xcr0)
+        snprintf(bank_facts, sizeof bank_facts, "CPUID and XCR0 %#llx say so", (unsigned long long)xgetbv0());
+    else
+        snprintf(bank_facts, sizeof bank_facts, "CPUID says so");
 
     uint8_t *code = mmap(NULL, 1 << 16, PROT_READ | PROT_WRITE | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     mailbox = mmap(NULL, MAILBOX_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -138,7 +238,10 @@ int main(int argc, char **argv)
     sa.sa_sigaction = on_sigsegv;
     sa.sa_flags = SA_SIGINFO;
     sigaction(SIGSEGV, &sa, NULL);
-    signal(SIGILL, on_sigill);
+    struct sigaction ill = {0};
+    ill.sa_sigaction = on_sigill;
+    ill.sa_flags = SA_SIGINFO;
+    sigaction(SIGILL, &ill, NULL);
 
     pthread_t helper;
     if (pthread_create(&helper, NULL, release_stage1, NULL))
