@@ -26,8 +26,9 @@ arrives on the serial console, so the snapshot can be taken at leisure and the r
 goes to the restored QEMU.  QEMU is a `Machine` (machine.py) with ``-machine microvm``
 (default devices: the kernel wants its serial port, PIT and RTC), 256 MiB, the serial
 console on a socket this process listens on, ``-kernel/-initrd/-append`` as `LinuxGuest`
-gives them.  Under TCG only here: no stock kernel boots under this machine's KVM
-(apx-facts.md); ``accel="kvm"`` is the same guest on a real host.
+gives them.  Which accelerator boots the guest is a per-host fact, `choose_accel()`: KVM
+where a probe boot of the guest kernel under ``-accel kvm`` reaches /init, TCG otherwise
+(this machine's nested paravirtual KVM boots no stock kernel: apx-facts.md).
 
 Everything one run creates lives in one private directory (``apx-qemu-<pid>-linux-*``,
 on /dev/shm) plus the machines' own directories; ``close()`` kills and reaps every QEMU
@@ -53,7 +54,8 @@ from ..guests import linux
 from ..xsave import BANKS
 from ..xsave.diff import Difference, diff_registers
 from ..probe import find_qemu, parse_qemu_version
-from .machine import Machine, MachineSpec, QemuError, _private_tmp_root, describe_exit, temp_prefix
+from .machine import (Machine, MachineSpec, QemuError, _private_tmp_root, describe_exit, kvm_usable,
+                      temp_prefix)
 
 LINUX_MACHINE = "microvm"  # default devices (serial, PIT, PIC, RTC): what linux.MACHINE_ARGS boots
 LINUX_MEMORY_MIB = 256  # linux.MEMORY
@@ -91,6 +93,72 @@ def unavailable_reason(bank: str, accel: str = "tcg", *, qemu: str | None = None
         if BANKS[bank].xcr0_mask & 0xE0:
             return TCG_NO_AVX512
     return None
+
+
+# --- which accelerator boots the guest here --------------------------------------------------
+
+PROBE_TIMEOUT = 20.0  # seconds a KVM probe boot may take to reach /init (about 1 s where KVM works)
+KVM_PVM_NO_LINUX = ("KVM here is kvm_pvm (nested, paravirtual), under which no stock kernel boots "
+                    "(measured: no console output within 25 s; emulation failures; docs/linux-guests.md)")
+
+
+@dataclass(frozen=True)
+class AccelChoice:
+    """The accelerator the Linux guest runs under, and the check that decided (one line)."""
+
+    accel: str  # "kvm" or "tcg"
+    why: str
+
+
+def choose_accel(qemu: str | None = None, kernel: str | os.PathLike | None = None, *,
+                 timeout: float = PROBE_TIMEOUT, dev: str = "/dev/kvm", sysfs: str = "/sys/module") -> AccelChoice:
+    """KVM when this host can boot the guest kernel under it, else TCG; why, in one line.
+
+    In order: /dev/kvm must open; a kvm_pvm KVM (the known case that boots no stock
+    kernel) is TCG without trying; otherwise one probe boot of the guest kernel under
+    ``-accel kvm`` (`probe_kvm_boot`: /init must print its started line within `timeout`),
+    remembered per process and (QEMU, kernel).  KernelUnavailable and GuestBuildError
+    pass through: without a guest there is nothing to choose for."""
+    why = kvm_usable(dev)
+    if why is not None:
+        return AccelChoice("tcg", f"KVM is not usable ({why})")
+    from ..kvm.system import kvm_flavour
+    if kvm_flavour(sysfs) == "kvm_pvm":
+        return AccelChoice("tcg", KVM_PVM_NO_LINUX)
+    return probe_kvm_boot(qemu, os.fspath(linux.find_kernel(kernel, fetch=False)), timeout)
+
+
+@functools.lru_cache(maxsize=8)
+def probe_kvm_boot(qemu: str | None, kernel: str, timeout: float = PROBE_TIMEOUT) -> AccelChoice:
+    """One probe boot under ``-accel kvm`` (`probe_boot`), remembered: "kvm" when the
+    guest reached /init, else "tcg" with what went wrong."""
+    problem, seconds = probe_boot("kvm", qemu, kernel, timeout)
+    if problem is None:
+        return AccelChoice("kvm", f"a probe boot under -accel kvm reached /init in {seconds:.1f} s")
+    return AccelChoice("tcg", f"a probe boot under -accel kvm did not reach /init: {problem}")
+
+
+def probe_boot(accel: str, qemu: str | None, kernel: str | os.PathLike | None,
+               timeout: float = PROBE_TIMEOUT) -> tuple[str | None, float]:
+    """Boot `kernel` with the holder initramfs under `accel` (the machine and -cpu a
+    LinuxHolderRun uses) until /init prints its started line, then kill it.  (None,
+    seconds) when it did, (why not in one line, seconds) otherwise; nothing is left."""
+    workdir = tempfile.mkdtemp(prefix=temp_prefix() + "linux-probe-", dir=_private_tmp_root())
+    t0 = time.perf_counter()
+    try:
+        guest = linux.linux_guest(workdir, ["xmm"], kernel=kernel, release="console", exit_port=0xF4, accel=accel)
+        spec = MachineSpec.create(accel=accel, kernel=guest.kernel, qemu=qemu, memory_mib=LINUX_MEMORY_MIB,
+                                  machine=LINUX_MACHINE, console=True, timeout=QEMU_TIMEOUT,
+                                  extra=("-initrd", str(guest.initramfs), "-append", guest.cmdline))
+        t0 = time.perf_counter()
+        with Machine(spec, label=f"qemu-{accel} linux probe") as machine:
+            machine.wait_console(lambda out: linux.parse_console(out).started_uptime is not None,
+                                 timeout=timeout, what="/init's started line")
+        return None, time.perf_counter() - t0
+    except QemuError as exc:
+        return str(exc), time.perf_counter() - t0
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def tcg_no_apx_reason(qemu: str | None = None, kernel: str | os.PathLike | None = None) -> str:

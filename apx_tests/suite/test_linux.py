@@ -1,4 +1,4 @@
-"""Linux guests under QEMU TCG: a register holder snapshotted mid-spin, restored in a fresh QEMU.
+"""Linux guests under QEMU: a register holder snapshotted mid-spin, restored in a fresh QEMU.
 
 Cases (ids as in the scenario matrix):
 
@@ -13,10 +13,18 @@ Cases (ids as in the scenario matrix):
   to one vCPU yield to each other thousands of times before and after the snapshot; both
   report ``ok`` after the restore in a fresh QEMU.
 
-Banks TCG cannot run (APX, the AVX-512 banks) skip with the reason; so does everything
-when no guest kernel is cached (KernelUnavailable, one line: run ci/bootstrap or set
-APX_KERNEL), when QEMU is missing, or when --apx-backend leaves qemu-tcg out.  About 3 s
-per boot; a restore case boots twice, a ctxswitch case once.  See docs/linux-guests.md.
+The accelerator is chosen once per session from a check of this host
+(linux_session.choose_accel: KVM where a probe boot of the guest kernel under -accel kvm
+reaches /init; TCG where /dev/kvm is unusable, where KVM is kvm_pvm, which boots no stock
+kernel, or where the probe fails).  Each case records it as the JUnit properties
+``apx.accel`` (kvm or tcg) and ``apx.accel.why``; the ids keep the backend name
+``qemu-tcg-linux`` that --apx-backend and -k select by (docs/linux-guests.md says why).
+
+Banks the chosen accelerator cannot run (under TCG: APX, the AVX-512 banks) skip with the
+reason; so does everything when no guest kernel is cached (KernelUnavailable, one line:
+run ci/bootstrap or set APX_KERNEL), when QEMU is missing, or when --apx-backend leaves
+qemu-tcg-linux out.  About 3 s per boot under TCG; a restore case boots twice, a
+ctxswitch case once.  See docs/linux-guests.md.
 """
 
 from __future__ import annotations
@@ -30,8 +38,8 @@ from apx_tests.guests import build, linux
 from apx_tests.guests.linux import KernelUnavailable
 from apx_tests.plugin import apx_cpu_profile, apx_qemu, apx_skip_or_fail
 from apx_tests.profiles import PROFILES, exclusion
-from apx_tests.qemu.backend import QemuHost
-from apx_tests.qemu.linux_session import LinuxHolderRun, flip_target, unavailable_reason
+from apx_tests.qemu.backend import QemuBackend, QemuHost
+from apx_tests.qemu.linux_session import LinuxHolderRun, choose_accel, flip_target, unavailable_reason
 from apx_tests.qemu.machine import QemuUnavailable, find_qemu
 from apx_tests.xsave import BANKS
 
@@ -47,8 +55,8 @@ def _case_id(kind: str):
 
 @pytest.fixture(scope="module")
 def linux_env(pytestconfig):
-    """QEMU, the guest kernel, the build tools and the CPU profile's `-cpu`, or a skip
-    saying which is missing."""
+    """QEMU, the guest kernel, the build tools, the accelerator this host boots the guest
+    under and the CPU profile's `-cpu`, or a skip saying which is missing."""
     try:
         qemu = find_qemu(apx_qemu(pytestconfig))
     except QemuUnavailable as exc:
@@ -59,25 +67,44 @@ def linux_env(pytestconfig):
         kernel = linux.find_kernel(fetch=False)
     except KernelUnavailable as exc:
         pytest.skip(str(exc))
+    choice = choose_accel(qemu, kernel)  # remembered for the session (no probe boot on kvm_pvm)
+    env = {"qemu": qemu, "kernel": kernel, "cpu": None, "profile_unavailable": None, "accel": choice.accel,
+           "accel_why": choice.why, "backend": None}
     profile = PROFILES[apx_cpu_profile(pytestconfig)]
-    if not profile.restricts:
-        yield {"qemu": qemu, "kernel": kernel, "cpu": None, "profile_unavailable": None}
+    if not profile.restricts and choice.accel == "tcg":
+        yield env
         return
-    # The profile's -cpu for TCG, and whether TCG's guest can provide it: one probe boot of
-    # the QEMU backend's stub under that -cpu (the Linux guest's CPU is the same model).
-    host = QemuHost("tcg", qemu, profile=profile)
+    # The profile's -cpu, and whether the accelerator's guest can provide it (and under KVM
+    # which banks the guest CPU has): one probe boot of the QEMU backend's stub under that
+    # -cpu (the Linux guest's CPU is the same model).
+    host = QemuHost(choice.accel, qemu, profile=profile)
     try:
-        yield {"qemu": qemu, "kernel": kernel, "cpu": host.spec_cpu,
-               "profile_unavailable": host.profile_unavailable()}
+        env.update(cpu=host.spec_cpu if profile.restricts else None, profile_unavailable=host.profile_unavailable(),
+                   backend=QemuBackend(host=host) if choice.accel == "kvm" else None)
+        yield env
     finally:
         host.close()
 
 
+def _kernel_apx(bank: str, kernel) -> str | None:
+    """Under KVM the CPU may have APX; the guest kernel must enable XCR0[19] too."""
+    if bank == "apx" and linux.kernel_knows_apx(kernel) is False:
+        return (f"guest kernel {linux.kernel_release(kernel)} has no APX state support (no XSAVE component 19 "
+                f"in its xfeature names), so it would not enable XCR0[19]")
+    return None
+
+
 def _env(request, bank: str, case_id: str) -> dict:
     env = request.getfixturevalue("linux_env")
+    # Which accelerator runs (or would run) this case, and the check that chose it.
+    request.node.user_properties += [("apx.accel", env["accel"]), ("apx.accel.why", env["accel_why"])]
     profile = PROFILES[apx_cpu_profile(request.config)]
-    reasons = [why for why in (env["profile_unavailable"], exclusion(profile, BANKS[bank].xcr0_mask),
-                               unavailable_reason(bank, "tcg")) if why]
+    if env["backend"] is not None:  # KVM: what the guest CPU offers, as the QEMU backend sees it
+        host_reasons = (env["backend"].unavailable_reason(BANKS[bank]), _kernel_apx(bank, env["kernel"]))
+    else:
+        host_reasons = (env["profile_unavailable"], exclusion(profile, BANKS[bank].xcr0_mask))
+    reasons = [why for why in (*host_reasons, unavailable_reason(bank, env["accel"], qemu=env["qemu"], kernel=env["kernel"]))
+               if why]
     if reasons:
         message = f"{case_id}: {'; '.join(reasons)}"
         if bank == "apx" or env["profile_unavailable"]:
@@ -89,8 +116,8 @@ def _env(request, bank: str, case_id: str) -> dict:
         raise exc
     # Artifacts go to this test's own folder (kept only if it fails: apx_tests.report_pytest).
     artifacts = request.getfixturevalue("apx_test_artifacts")
-    request.getfixturevalue("apx_progress")(f"booting Linux guest (TCG) for {bank}…")
-    return {"qemu": env["qemu"], "kernel": env["kernel"], "cpu": env["cpu"],
+    request.getfixturevalue("apx_progress")(f"booting Linux guest ({env['accel'].upper()}) for {bank}…")
+    return {"qemu": env["qemu"], "kernel": env["kernel"], "cpu": env["cpu"], "accel": env["accel"],
             "artifacts": None if artifacts is None else str(artifacts)}
 
 
