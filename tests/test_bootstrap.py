@@ -218,7 +218,7 @@ def test_the_release_decides_suite_packages_and_source_file(tmp_path, codename, 
     # QEMU alone from backports; the rest from the release itself (gdb 13 / 16, llvm-19 in both).
     assert table == [["qemu-system-x86", qemu_min, f"{codename}-backports"],
                      ["gdb", "-", "-"], ["llvm-19", "-", "-"], ["gcc", "-", "-"], ["libc6-dev", "-", "-"],
-                     ["python3-venv", "-", "-"], ["ca-certificates", "-", "-"]]
+                     ["python3-venv", "-", "-"], ["ca-certificates", "-", "-"], ["lz4", "-", "-"], ["zstd", "-", "-"]]
 
 
 def test_qemu_minimum_versions_sort_as_intended():
@@ -337,10 +337,10 @@ def fake_apt(tmp_path):
 
 ALL_OK = {"bookworm": {"qemu-system-x86": "1:10.0.2+ds-2", "gdb": "13.1-3", "llvm-19": "1:19.1.7-3",
                        "gcc": "4:12.2.0-3", "libc6-dev": "2.36-9", "python3-venv": "3.11.2-1+b1",
-                       "ca-certificates": "20230311+deb12u1"},
+                       "ca-certificates": "20230311+deb12u1", "lz4": "1.9.4-1", "zstd": "1.5.4+dfsg2-5"},
           "trixie": {"qemu-system-x86": "1:11.1.3+ds-2~bpo13+1", "gdb": "16.3-1", "llvm-19": "1:19.1.7-3+b1",
                      "gcc": "4:14.2.0-1", "libc6-dev": "2.41-12", "python3-venv": "3.13.5-1",
-                     "ca-certificates": "20250419"}}
+                     "ca-certificates": "20250419", "lz4": "1.10.0-4", "zstd": "1.5.7+dfsg-1"}}
 
 
 @pytest.mark.parametrize("codename", ["bookworm", "trixie"])
@@ -348,7 +348,7 @@ def test_nothing_missing_means_no_apt_get(fake_apt, codename):
     proc = fake_apt(ALL_OK[codename], codename)
     assert "rc=0" in proc.stdout, proc.stderr
     assert proc.stdout.splitlines()[0] == ("bootstrap: debian packages present: qemu-system-x86 gdb llvm-19 gcc "
-                                           "libc6-dev python3-venv ca-certificates")
+                                           "libc6-dev python3-venv ca-certificates lz4 zstd")
     assert not (fake_apt.state / "apt.log").exists()
     assert not (fake_apt.roots[codename] / f"etc/apt/sources.list.d/{codename}-backports.sources").exists()
 
@@ -586,18 +586,27 @@ def test_in_debian13_runs_the_command_and_leaves_nothing(tmp_path):
     script = ('echo "cwd=$PWD"; [ -f "$1/pyproject.toml" ] && echo repo; [ -e /proc/1/status ] && echo proc; '
               '[ -e /dev/null ] && [ -d /sys/kernel ] && echo dev-sys; cat /root/.config/pip/pip.conf; '
               '[ -s /etc/resolv.conf ] && echo resolv; env; sleep 1000 & exit 3')
-    proc = in_debian13("/bin/sh", "-c", script, "sh", str(REPO), cwd=REPO / "tests",
-                       env={"APX_DEBIAN13_ROOTFS": str(rootfs), "HOME": str(home), "PIP_INDEX_URL": "https://x.invalid",
-                            "APX_QEMU": "/host/only/qemu", "APX_REQUIRE": "1", "XDG_CACHE_HOME": "/host/cache"})
+    # Another run's process in the same rootfs: not ours to kill.
+    other = subprocess.Popen(["chroot", str(rootfs), "/bin/sleep", "1000"], stdin=subprocess.DEVNULL)
+    try:
+        proc = in_debian13("/bin/sh", "-c", script, "sh", str(REPO), cwd=REPO / "tests",
+                           env={"APX_DEBIAN13_ROOTFS": str(rootfs), "HOME": str(home),
+                                "PIP_INDEX_URL": "https://x.invalid", "APX_QEMU": "/host/only/qemu",
+                                "APX_REQUIRE": "1", "XDG_CACHE_HOME": "/host/cache"})
+        assert other.poll() is None and processes_in(rootfs) == [other.pid]
+    finally:
+        other.kill()
+        other.wait()
     assert proc.returncode == 3, proc.stderr
     out = proc.stdout.splitlines()
-    assert out[:3] == [f"cwd={REPO / 'tests'}", "repo", "proc"]
+    assert out[:3] == [f"cwd={REPO / 'tests'}", "repo", "proc"]  # pids are the host's: /proc/1 is its init
     assert {"dev-sys", "index-url = https://pypi.invalid/simple", "resolv"} <= set(out)
     env = dict(line.split("=", 1) for line in out if "=" in line and not line.startswith(("cwd=", "index-url")))
     assert env["APX_VENV"] == f"{REPO}/.venv-debian13" and env["HOME"] == "/root"
     assert env["PIP_INDEX_URL"] == "https://x.invalid" and env["APX_REQUIRE"] == "1"
     assert "APX_QEMU" not in env and "XDG_CACHE_HOME" not in env  # host paths stay outside
-    assert proc.stderr.splitlines() == ["in-debian13: killing 1 process(es) the command left running"]
+    assert re.fullmatch(r"\d+-\d+", env["APX_IN_DEBIAN13_SESSION"])  # marks this run's processes
+    assert re.fullmatch(r"in-debian13: killing what the command left running: sleep\[\d+\]\n", proc.stderr)
     assert mounts_under(rootfs) == [] and processes_in(rootfs) == []
 
 
@@ -619,7 +628,7 @@ def test_in_debian13_killed_leaves_nothing(tmp_path):
             proc.wait()
     assert proc.returncode == 128 + signal.SIGTERM
     assert "not-reached" not in out
-    assert err.splitlines() == ["in-debian13: stopped by signal 15: everything inside was killed"]
+    assert err.splitlines() == ["in-debian13: stopped by signal 15: stopping everything inside"]
     deadline = time.monotonic() + 30  # the kernel tears the namespaces down after the kill
     while processes_in(rootfs) and time.monotonic() < deadline:
         time.sleep(0.05)
