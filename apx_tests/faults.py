@@ -496,6 +496,7 @@ class Row:
     bank: str
     applicable: bool
     ran: int                                    # scenarios run (not skipped)
+    exercised: int = 0                          # ... of those, ones using what the fault breaks
     catching: list[str] = field(default_factory=list)   # scenarios that failed
     naming: list[str] = field(default_factory=list)     # ... with a message naming the finding
     line: str = ""                              # first line of the first naming (else catching) scenario
@@ -508,7 +509,17 @@ class Row:
         or nothing ran: the bank or backend is not available here)."""
         if self.fault == NO_FAULT:
             return not self.catching
-        return not self.applicable or self.ran == 0 or bool(self.naming)
+        return not self.applicable or self.exercised == 0 or bool(self.naming)
+
+
+def _exercises(scenario: str, fault: str) -> bool:
+    """Does `scenario` use what `fault` breaks?  A fault that needs a Session feature (a
+    debugger write) is exercised only by scenarios that need it too: when those all skip
+    for a bank (debugger_import on ymm: the gdbstub reaches no ymm byte), nothing on that
+    bank could catch the fault, and that is not a miss."""
+    from .scenarios import SCENARIOS
+    needs = FAULTS[fault].requires
+    return not needs or bool(needs & SCENARIOS[scenario].requires)
 
 
 def summarize(cells: list[Cell]) -> list[Row]:
@@ -524,6 +535,8 @@ def summarize(cells: list[Cell]) -> list[Row]:
         if c.outcome == "skip":
             continue
         row.ran += 1
+        if c.fault == NO_FAULT or _exercises(c.scenario, c.fault):
+            row.exercised += 1
         if c.outcome == "fail":
             row.catching.append(c.scenario)
             if c.named or c.fault == NO_FAULT:
@@ -547,6 +560,9 @@ def render_table(rows: list[Row]) -> str:
             catching, line = "n/a", _cell_text(r.why_not)
         elif r.ran == 0:
             catching, line = "not run here", "(bank or backend unavailable)"
+        elif r.exercised == 0 and r.fault != NO_FAULT:
+            needs = ", ".join(sorted(FAULTS[r.fault].requires))
+            catching, line = "not exercised here", f"(every scenario using {needs} skipped for this bank)"
         elif r.fault == NO_FAULT:
             catching = ", ".join(r.catching) or f"none ({r.ran} scenarios pass)"
             line = f"`{r.line_scenario}`: {_cell_text(r.line)}" if r.catching else "—"

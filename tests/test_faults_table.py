@@ -60,6 +60,12 @@ def check(rows, cells, backend):
         if not fault.applies(backend, BACKEND_FEATURES[backend]):
             assert catching == "n/a"
             continue
+        if catching == "not exercised here":
+            # Every scenario using what the fault breaks skipped for ymm (debugger_import:
+            # QEMU's gdbstub reaches no ymm byte); tests/test_faults.py requires another
+            # bank to catch it.
+            assert fault.requires and line.startswith("(every scenario using "), (name, line)
+            continue
         assert "**" in catching, (name, catching)  # at least one scenario names the finding
         scenario, first = re.fullmatch(r"`(\w+)`: (.*)", line).groups()
         assert f"**{scenario}**" in catching
