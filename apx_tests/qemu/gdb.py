@@ -388,7 +388,8 @@ class GdbSession:
             offered = [r.name for r in self._target_registers()]
             hint = ""
             if re.fullmatch(r"(ymm|zmm)\d+|k[0-7]|r(1[6-9]|2\d|3[01])", name):
-                hint = " (QEMU 10's gdbstub has no ymm/zmm/k; r16-r31 need a QEMU with APX, 11.0+)"
+                hint = (" (QEMU's gdbstub, 10.0 and 11.1 alike, offers no ymm/zmm/k; r16-r31 only for a "
+                        "vCPU with APX, QEMU 11.0+)")
             raise GdbError(f"{what} {name}: the target on {self.socket_path} does not offer this register{hint}; "
                            f"it offers {', '.join(offered[:6])}, ... ({len(offered)} registers)")
         return reg

@@ -121,13 +121,20 @@ def _env(request, bank: str, case_id: str) -> dict:
             "artifacts": None if artifacts is None else str(artifacts)}
 
 
+def _recorder(request):
+    """A JUnit property recorder: item.user_properties, as apx_tests.report_pytest writes
+    them (pytest's record_property fixture warns under the default junit_family xunit2)."""
+    return lambda name, value: request.node.user_properties.append((name, value))
+
+
 def _record(record_property, prefix: str, run: LinuxHolderRun) -> None:
     for phase, seconds in run.seconds.items():
         record_property(f"{prefix}_{phase}", round(seconds, 3))
 
 
 @pytest.mark.parametrize("bank", BANK_ORDER, ids=_case_id("restore"))
-def test_linux_restore(bank, request, record_property):
+def test_linux_restore(bank, request):
+    record_property = _recorder(request)
     env = _env(request, bank, _case_id("restore")(bank))
     pattern = BANKS[bank].pattern(1)
     register, byte = flip_target(bank)
@@ -160,7 +167,8 @@ def test_linux_restore(bank, request, record_property):
 
 
 @pytest.mark.parametrize("bank", BANK_ORDER, ids=_case_id("ctxswitch"))
-def test_linux_ctxswitch(bank, request, record_property):
+def test_linux_ctxswitch(bank, request):
+    record_property = _recorder(request)
     env = _env(request, bank, _case_id("ctxswitch")(bank))
     with LinuxHolderRun(bank, ctx=True, **env) as run:
         ready = run.boot()
