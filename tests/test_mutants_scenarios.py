@@ -158,3 +158,514 @@ def test_export_passes_through_an_honest_wrapper(backend, bank_name):
     bank, code = runnable(backend, bank_name)
     with Run(backend, bank, code, session_wrapper=lambda s: Wrapped(s)) as run:
         SCENARIOS["export"].run(run)
+
+
+# ---- export: every check's line, partial views, the raw size ----------------------------
+
+def test_export_reports_every_observer_and_every_check(backend):
+    """Two whole-image observers, each wrong in its own way: all their lines, in order."""
+    bank, code = runnable(backend, "ymm")
+    pattern = bank.pattern(LOADED)
+    seen = {}
+
+    def wrap(session):
+        def observers():
+            def first():
+                image = session.export().copy()
+                seen["ymm3"] = flip(image, "ymm3", 1)
+                return image
+
+            def second():
+                image = session.export().copy()
+                seen["st2"] = flip(image, "st2", 3)
+                image.xstate_bv &= ~0x4  # AVX's bit: the upper halves read as init (zero)
+                seen["bv"] = image.xstate_bv
+                return image
+            return {"KVM_GET_XSAVE2": first, "copy": second}
+        return Wrapped(session, observers=observers)
+
+    with pytest.raises(ScenarioFailure) as failure:
+        with Run(backend, bank, code, session_wrapper=wrap) as run:
+            SCENARIOS["export"].run(run)
+    a, b = seen["ymm3"]
+    c, d = seen["st2"]
+    assert failure.value.lines == (
+        [f"KVM_GET_XSAVE2: sse ymm3 byte 1: want {a:#04x} got {b:#04x}"]
+        + [f"copy: avx ymm{i} bytes 16..31: want 0x{pattern[f'ymm{i}'][16:].hex()} got 0x{'00' * 16} "
+           "(hex, memory order)" for i in range(16)]
+        + [f"copy: XSTATE_BV {seen['bv']:#x} lacks 0x4 for ymm holding non-zero values",
+           f"copy: outside ymm: x87 st2 byte 3: want {c:#04x} got {d:#04x}"])
+
+
+def test_export_checks_the_raw_size_against_kvm_cap_xsave2(backend):
+    bank, code = runnable(backend, "xmm")
+    size = backend.host.xsave2_size
+
+    def wrap(session):
+        return Wrapped(session, export_raw=lambda: session.export_raw()[:3000])
+
+    with pytest.raises(ScenarioFailure) as failure:
+        with Run(backend, bank, code, session_wrapper=wrap) as run:
+            SCENARIOS["export"].run(run)
+    assert failure.value.lines == [f"KVM_GET_XSAVE2 returned 3000 bytes, KVM_CAP_XSAVE2 says {size}"]
+
+
+def test_export_then_the_guest_must_still_see_its_values(backend):
+    """The observers see the truth, but the VMM changes the guest's ymm5 while observing."""
+    bank, code = runnable(backend, "ymm")
+
+    def wrap(session):
+        def observers():
+            def observe():
+                image = session.export()
+                changed = image.copy()
+                flip(changed, "ymm5", 20)
+                session.import_image(changed)
+                return image
+            return {"KVM_GET_XSAVE2": observe}
+        return Wrapped(session, observers=observers)
+
+    with pytest.raises(ScenarioFailure) as failure:
+        with Run(backend, bank, code, session_wrapper=wrap) as run:
+            SCENARIOS["export"].run(run)
+    assert failure.value.lines[0] == "after export: guest verify failed at ymm ymm5 byte 20"
+
+
+def with_view(view_of):
+    """A partial observer 'monitor' whose registers come from view_of(real export image)."""
+    def wrap(session):
+        return Wrapped(session, views=lambda: {"monitor": lambda: view_of(session.export())})
+    return wrap
+
+
+def test_export_judges_a_view_that_reaches_the_bank(backend):
+    bank, code = runnable(backend, "ymm")
+    with Run(backend, bank, code, session_wrapper=with_view(
+            lambda image: {f"ymm{i}": image.read(f"ymm{i}") for i in range(16)})) as run:
+        SCENARIOS["export"].run(run)
+    assert run.notes == ["monitor: reaches 256/256 bytes of component 2 (avx), 256/256 bytes of component 1 (sse)"]
+
+
+def test_export_does_not_judge_a_view_without_the_banks_own_component(backend):
+    """xmm0-15 of a ymm bank: none of component 2; wrong values there are not a verdict."""
+    bank, code = runnable(backend, "ymm")
+    with Run(backend, bank, code, session_wrapper=with_view(
+            lambda image: {f"xmm{i}": bytes(16) for i in range(16)})) as run:
+        SCENARIOS["export"].run(run)
+    assert run.notes == ["monitor: not checked, reaches 0/256 bytes of component 2 (avx), 256/256 bytes of "
+                         "component 1 (sse); offers xmm0-15 (16 B each)"]
+
+
+def test_export_names_a_wrong_byte_in_a_view(backend):
+    bank, code = runnable(backend, "ymm")
+    want = bank.pattern(LOADED)["ymm3"][20]
+
+    def view(image):
+        values = {f"ymm{i}": image.read(f"ymm{i}") for i in range(16)}
+        wrong = bytearray(values["ymm3"])
+        wrong[20] ^= 0x5A
+        values["ymm3"] = bytes(wrong)
+        return values
+
+    with pytest.raises(ScenarioFailure) as failure:
+        with Run(backend, bank, code, session_wrapper=with_view(view)) as run:
+            SCENARIOS["export"].run(run)
+    assert failure.value.lines == [f"monitor: avx ymm3 byte 20: want {want:#04x} got {want ^ 0x5A:#04x}",
+                                   f"monitor vs KVM_GET_XSAVE2: avx ymm3 byte 20: want {want:#04x} got {want ^ 0x5A:#04x}"]
+
+
+# ---- debugger_import on KVM: a debugger made of export + write + import -----------------
+
+def debugger(shown_as, drop=(), offer="stub: features test.xml"):
+    """debugger_write: write each value under shown_as(name) (None: not offered), at that
+    register's width, through export/import; registers in drop are acknowledged only."""
+    from apx_tests.xsave import register as reg
+
+    def wrap(session):
+        def debugger_write(values):
+            image = session.export()
+            written = {}
+            for name, value in values.items():
+                shown = shown_as(name)
+                if shown is None:
+                    continue
+                written[shown] = value[:reg(shown).width]
+                if name not in drop:
+                    image.write(shown, written[shown])
+            session.import_image(image)
+            return written
+        return Wrapped(session, debugger_write=debugger_write, debugger_offer=lambda: offer)
+    return wrap
+
+
+def test_debugger_import_full_registers(backend):
+    bank, code = runnable(backend, "ymm")
+    with Run(backend, bank, code, session_wrapper=debugger(lambda n: n)) as run:
+        SCENARIOS["debugger_import"].run(run)
+    assert run.notes == ["debugger wrote 256/256 bytes of component 2 (avx), 256/256 bytes of component 1 (sse)"]
+
+
+def test_debugger_import_low_halves_of_some_registers(backend):
+    """ymm0-7 whole, ymm8-15 only as xmm8-15: the guest must see exactly those bytes changed."""
+    bank, code = runnable(backend, "ymm")
+    shown = lambda n: n if int(n[3:]) < 8 else "x" + n[1:]
+    with Run(backend, bank, code, session_wrapper=debugger(shown)) as run:
+        SCENARIOS["debugger_import"].run(run)
+    assert run.notes == ["debugger wrote 128/256 bytes of component 2 (avx), 256/256 bytes of component 1 (sse)"]
+
+
+def test_debugger_import_catches_a_dropped_write(backend):
+    bank, code = runnable(backend, "ymm")
+    with pytest.raises(ScenarioFailure) as failure:
+        with Run(backend, bank, code, session_wrapper=debugger(lambda n: n, drop=("ymm5",))) as run:
+            SCENARIOS["debugger_import"].run(run)
+    assert failure.value.lines[0] == "after debugger writes: guest verify failed at ymm ymm5 byte 0"
+
+
+@pytest.mark.parametrize("offer,tail", [("stub: features test.xml", " (stub: features test.xml)"), ("", "")])
+def test_debugger_import_that_reaches_only_another_banks_bytes_is_a_skip(backend, offer, tail):
+    from apx_tests.scenarios import ScenarioNotApplicable
+    bank, code = runnable(backend, "ymm")
+    with pytest.raises(ScenarioNotApplicable) as skip:
+        with Run(backend, bank, code, session_wrapper=debugger(lambda n: "x" + n[1:], offer=offer)) as run:
+            SCENARIOS["debugger_import"].run(run)
+    assert str(skip.value) == ("the debugger's edit path reaches 0/256 bytes of component 2 (avx), 256/256 bytes "
+                               "of component 1 (sse): none of ymm's own component; it offers xmm0-15 (16 B each)"
+                               + tail)
+
+
+def test_offered_texts():
+    from apx_tests.scenarios.catalog import _offered
+    assert _offered({}) == "no register of this bank"
+    assert _offered({"xmm0": bytes(16), "xmm1": bytes(16)}) == "xmm0-1 (16 B each)"
+    assert _offered({"xmm3": bytes(16), "xmm1": bytes(16), "xmm2": bytes(16)}) == "xmm1-3 (16 B each)"
+    assert _offered({"k5": bytes(8)}) == "k5 (8 B)"
+    assert _offered({"pkru": bytes(4)}) == "pkru (4 B)"
+    assert _offered({"xmm0": bytes(16), "xmm1": bytes(16), "ymm0": bytes(32)}) == "xmm0-1 (16 B each), ymm0 (32 B)"
+
+
+# ---- negative: what a VMM that accepts, misreports or half-applies must show -------------
+
+def negative_cases(supported: int) -> list[str]:
+    """The refused imports, in order: XSTATE_BV bits 19 (APX), 3 (MPX), 9 (PKRU), 17 (AMX)
+    where the host lacks them, XCOMP_BV bit 63, APX with MPX."""
+    cases = [f"XSTATE_BV bit {b} outside supported XCR0 {supported:#x}" for b in (19, 3, 9, 17)
+             if not supported >> b & 1]
+    return cases + ["XCOMP_BV bit 63 (compacted) in KVM_SET_XSAVE", "XSTATE_BV with APX and MPX together"]
+
+
+def test_negative_reports_a_vmm_that_accepts_every_invalid_image(backend):
+    bank, code = runnable(backend, "xmm")
+    supported = backend.host.supported_xcr0
+    given = []
+    with pytest.raises(ScenarioFailure) as failure:
+        with Run(backend, bank, code, session_wrapper=lambda s: Wrapped(s, import_raw=given.append)) as run:
+            SCENARIOS["negative"].run(run)
+    assert failure.value.lines == [f"{c}: KVM_SET_XSAVE accepted it, want EINVAL" for c in negative_cases(supported)]
+    # the buffers: the real export with only the named header bits changed
+    bits = [1 << b for b in (19, 3, 9, 17) if not supported >> b & 1]
+    good = given[-1]  # APX + MPX: recover the export's own XSTATE_BV from it
+    base = int.from_bytes(good[512:520], "little") & ~(1 << 19 | 1 << 3)
+    assert all(len(data) == len(given[0]) for data in given)
+    for data, bit in zip(given, bits):
+        assert int.from_bytes(data[512:520], "little") == base | bit
+        assert data[520:528] == bytes(8)
+    assert given[len(bits)][527] & 0x80 and int.from_bytes(given[len(bits)][512:520], "little") == base
+    assert int.from_bytes(given[-1][512:520], "little") == base | 1 << 19 | 1 << 3
+
+
+def test_negative_reports_the_wrong_errno(backend):
+    from apx_tests.backend import ImportRejected
+    bank, code = runnable(backend, "xmm")
+
+    def refuse(data):
+        raise ImportRejected("kvm xmm: Operation not permitted", 1)
+
+    with pytest.raises(ScenarioFailure) as failure:
+        with Run(backend, bank, code, session_wrapper=lambda s: Wrapped(s, import_raw=refuse)) as run:
+            SCENARIOS["negative"].run(run)
+    assert failure.value.lines == [f"{c}: rejected with errno 1, want EINVAL (22)"
+                                   for c in negative_cases(backend.host.supported_xcr0)]
+
+
+def test_negative_compares_kvm_get_xsave_with_xsave2(backend):
+    bank, code = runnable(backend, "xmm")
+    with pytest.raises(ScenarioFailure) as failure:
+        with Run(backend, bank, code, session_wrapper=lambda s: Wrapped(s, export_legacy=lambda: bytes(4096))) as run:
+            SCENARIOS["negative"].run(run)
+    assert failure.value.lines == ["KVM_GET_XSAVE differs from KVM_GET_XSAVE2's first 4096 bytes"]
+
+
+def test_negative_reports_state_changed_by_a_refused_import(backend):
+    """The first refused import changes xmm3 byte 0 anyway (then says EINVAL)."""
+    from apx_tests.backend import ImportRejected
+    bank, code = runnable(backend, "xmm")
+    changed = []
+
+    def wrap(session):
+        def import_raw(data):
+            if not changed:
+                image = session.export()
+                changed.append(flip(image, "xmm3", 0))
+                session.import_image(image)
+            raise ImportRejected("kvm xmm: Invalid argument", 22)
+        return Wrapped(session, import_raw=import_raw)
+
+    with pytest.raises(ScenarioFailure) as failure:
+        with Run(backend, bank, code, session_wrapper=wrap) as run:
+            SCENARIOS["negative"].run(run)
+    old, new = changed[0]
+    cases = negative_cases(backend.host.supported_xcr0)
+    assert failure.value.lines == [f"{c}: state changed by a refused import: sse xmm3 byte 0: want {old:#04x} "
+                                   f"got {new:#04x}" for c in cases]
+
+
+# ---- gprs ---------------------------------------------------------------------------------
+
+def test_gprs_reports_observers_that_disagree(backend):
+    bank, code = runnable(backend, "xmm")
+    seen = {}
+
+    def wrap(session):
+        def gpr_views():
+            real = session.gpr_views()["KVM_GET_REGS"]
+
+            def other():
+                view = dict(real())
+                seen["rax"] = view["rax"]
+                view["rax"] = bytes(b ^ 0x11 for b in view["rax"])
+                view["rip"] = bytes(8)  # moves while the guest spins: not compared
+                return view
+            return {"KVM_GET_REGS": real, "other": other}
+        return Wrapped(session, gpr_views=gpr_views)
+
+    with pytest.raises(ScenarioFailure) as failure:
+        with Run(backend, bank, code, session_wrapper=wrap) as run:
+            SCENARIOS["gprs"].run(run)
+    rax = seen["rax"]
+    other = bytes(b ^ 0x11 for b in rax)
+    assert failure.value.lines == [f"other vs KVM_GET_REGS: rax: {other[::-1].hex()} vs {rax[::-1].hex()}"]
+
+
+def test_gprs_reports_a_missing_rdi_and_notes_every_observer(backend):
+    bank, code = runnable(backend, "xmm")
+
+    def wrap(session):
+        def gpr_views():
+            real = session.gpr_views()["KVM_GET_REGS"]
+            return {"KVM_GET_REGS": real, "partial": lambda: {"rax": real()["rax"]}}
+        return Wrapped(session, gpr_views=gpr_views)
+
+    with pytest.raises(ScenarioFailure) as failure:
+        with Run(backend, bank, code, session_wrapper=wrap) as run:
+            SCENARIOS["gprs"].run(run)
+    assert failure.value.lines == ["partial: rdi missing, the payload's mailbox is 0x100000"]
+
+    def wrap_ok(session):
+        def gpr_views():
+            real = session.gpr_views()["KVM_GET_REGS"]
+            return {"KVM_GET_REGS": real, "copy": lambda: dict(real())}
+        return Wrapped(session, gpr_views=gpr_views)
+
+    with Run(backend, bank, code, session_wrapper=wrap_ok) as run:
+        SCENARIOS["gprs"].run(run)
+    assert run.notes == ["GPR observers: KVM_GET_REGS (18), copy (18)"]
+
+
+# ---- labels of the guest-side failures ------------------------------------------------------
+
+def test_import_failure_line(backend):
+    bank, code = runnable(backend, "ymm")
+
+    def tamper(image):
+        flip(image, "ymm13", 21)
+
+    with pytest.raises(ScenarioFailure) as failure:
+        with Run(backend, bank, code, tamper=tamper) as run:
+            SCENARIOS["import"].run(run)
+    assert failure.value.lines[0] == "after import: guest verify failed at ymm ymm13 byte 21"
+
+
+@pytest.mark.parametrize("bank_name,ftw", [("x87", 0xFF), ("ymm", None)])
+def test_init_state_imports_a_full_tag_word_for_x87_only(backend, bank_name, ftw):
+    """docs/scenarios.md: for x87 also a full tag word (legacy byte 4 = 0xff); other banks'
+    images keep the exported tag byte."""
+    bank, code = runnable(backend, bank_name)
+    imported, exported = [], []
+
+    def wrap(session):
+        def export():
+            image = session.export()
+            exported.append(image.raw_component_bytes(0)[4])
+            return image
+
+        def import_image(image):
+            imported.append(image.raw_component_bytes(0)[4])
+            session.import_image(image)
+        return Wrapped(session, import_image=import_image, export=export)
+
+    with Run(backend, bank, code, session_wrapper=wrap) as run:
+        SCENARIOS["init_state"].run(run)
+    assert imported == [exported[-1] if ftw is None else ftw]
+
+
+def test_init_state_failure_line(backend):
+    bank, code = runnable(backend, "ymm")
+
+    def keep_bits(image):
+        image.xstate_bv |= bank.xstate_mask
+
+    with pytest.raises(ScenarioFailure) as failure:
+        with Run(backend, bank, code, tamper=keep_bits) as run:
+            SCENARIOS["init_state"].run(run)
+    assert failure.value.lines[0] == "after init-state import: guest verify failed at ymm ymm0 byte 0"
+
+
+def test_round_trip_guest_failure_line(backend):
+    """An import that changes ymm7 while exports keep showing the first image."""
+    bank, code = runnable(backend, "ymm")
+    first = []
+
+    def wrap(session):
+        def export():
+            return first[0].copy() if first else session.export()
+
+        def import_image(image):
+            first.append(image.copy())
+            changed = image.copy()
+            flip(changed, "ymm7", 2)
+            session.import_image(changed)
+        return Wrapped(session, export=export, import_image=import_image)
+
+    with pytest.raises(ScenarioFailure) as failure:
+        with Run(backend, bank, code, session_wrapper=wrap) as run:
+            SCENARIOS["round_trip"].run(run)
+    assert failure.value.lines[0] == "after round trip: guest verify failed at ymm ymm7 byte 2"
+
+
+def test_fresh_vm_reports_a_restore_that_changes_a_byte(backend):
+    bank, code = runnable(backend, "ymm")
+    want = bank.pattern(LOADED)["ymm3"][1]
+
+    def wrap(session):
+        def restore(snapshot):
+            restored = session.restore(snapshot)
+            image = restored.export()
+            flip(image, "ymm3", 1)
+            restored.import_image(image)
+            return restored
+        return Wrapped(session, restore=restore)
+
+    with pytest.raises(ScenarioFailure) as failure:
+        with Run(backend, bank, code, session_wrapper=wrap) as run:
+            SCENARIOS["fresh_vm"].run(run)
+    line = f"sse ymm3 byte 1: want {want:#04x} got {want ^ 0x5A:#04x}"
+    assert failure.value.lines == [f"fresh VM export: {line}", f"fresh VM export: {line}"]
+
+
+def test_xcr0_cycle_reports_an_xcr0_that_does_not_change(backend):
+    bank, code = runnable(backend, "ymm")
+    if backend.host.supported_xcr0 & 0xE0:
+        pytest.skip("the hand-worked XCR0 values assume a host without AVX-512")
+    seen = []
+
+    def wrap(session):
+        seen.append(session.get_xcr0())
+        return Wrapped(session, set_xcr0=lambda value: None)
+
+    with pytest.raises(ScenarioFailure) as failure:
+        with Run(backend, bank, code, session_wrapper=wrap) as run:
+            SCENARIOS["xcr0_cycle"].run(run)
+    xcr0 = seen[0]
+    assert failure.value.lines == [f"XCR0 {xcr0:#x} after setting {xcr0 & ~0x4:#x}"]
+
+
+def test_xcr0_cycle_guest_failure_line(backend):
+    bank, code = runnable(backend, "ymm")
+    if backend.host.supported_xcr0 & 0xE0:
+        pytest.skip("the hand-worked XCR0 values assume a host without AVX-512")
+    seen = []
+
+    def wrap(session):
+        def set_xcr0(value):
+            seen.append(value)
+            session.set_xcr0(value)
+            if len(seen) == 2:  # back up: now change ymm9 behind the guest's back
+                image = session.export()
+                flip(image, "ymm9", 0)
+                session.import_image(image)
+        return Wrapped(session, set_xcr0=set_xcr0)
+
+    with pytest.raises(ScenarioFailure) as failure:
+        with Run(backend, bank, code, session_wrapper=wrap) as run:
+            SCENARIOS["xcr0_cycle"].run(run)
+    down, up = seen
+    assert failure.value.lines[0].startswith(f"after XCR0 {up:#x} -> {down:#x} -> {up:#x}: guest verify failed at ymm ymm")
+
+
+# ---- guest_verify's other verdicts ----------------------------------------------------------
+
+def test_guest_that_says_ok_but_stored_something_else(backend):
+    from apx_tests.guests import protocol
+    bank, code = runnable(backend, "xmm")
+    want = bank.pattern(LOADED)["xmm2"][3]
+
+    def wrap(session):
+        def read_area(offset, size):
+            data = bytearray(session.read_area(offset, size))
+            if offset == protocol.STORE_AREA:
+                data[2 * 16 + 3] ^= 0x5A  # xmm2 byte 3 of the packed bank
+            return bytes(data)
+        return Wrapped(session, read_area=read_area)
+
+    with pytest.raises(ScenarioFailure) as failure:
+        with Run(backend, bank, code, session_wrapper=wrap) as run:
+            SCENARIOS["round_trip"].run(run)
+    assert failure.value.lines == [f"after round trip: guest reported ok but stored sse xmm2 byte 3: "
+                                   f"want {want:#04x} got {want ^ 0x5A:#04x}"]
+
+
+def test_guest_with_an_unknown_status_or_a_bad_finish(backend):
+    import dataclasses
+    bank, code = runnable(backend, "xmm")
+
+    def odd_status(session):
+        return Wrapped(session, mailbox=lambda: dataclasses.replace(session.mailbox(), status=7))
+
+    with pytest.raises(ScenarioFailure) as failure:
+        with Run(backend, bank, code, session_wrapper=odd_status) as run:
+            SCENARIOS["import"].run(run)
+    assert failure.value.lines == ["after import: guest did not verify xmm (status 7)"]
+
+    with pytest.raises(ScenarioFailure) as failure:
+        with Run(backend, bank, code, session_wrapper=lambda s: Wrapped(s, finish=lambda: 5)) as run:
+            SCENARIOS["import"].run(run)
+    assert failure.value.lines == ["after import: guest finished with status 5 after verifying ok"]
+
+
+# ---- engine pieces --------------------------------------------------------------------------
+
+def test_scenario_failure_lines_and_text():
+    assert ScenarioFailure("one line").lines == ["one line"]
+    assert str(ScenarioFailure(["a", "b"])) == "a\nb"
+
+
+def test_compare_images_reports_a_header_only_difference():
+    from apx_tests.scenarios.engine import check_components_present, compare_images
+    from apx_tests.xsave import Layout
+    zen3 = Layout.reference("amd-zen3")
+    live_zero = XsaveImage.build(zen3, {2: bytes(256)}, xstate_bv=0x7)
+    init = XsaveImage.build(zen3, {}, xstate_bv=0x3)
+    assert compare_images(live_zero, init, BANKS["ymm"], what="w") == \
+        ["w: XSTATE_BV 0x7 -> 0x3, XCOMP_BV 0x0 -> 0x0 or padding bytes differ"]
+    assert check_components_present(init, BANKS["ymm"], what="w") == \
+        ["w: XSTATE_BV 0x3 lacks 0x4 for ymm holding non-zero values"]
+    assert check_components_present(live_zero, BANKS["ymm"], what="w") == []
+
+
+def test_run_hands_the_exception_to_on_exit():
+    seen = []
+    with pytest.raises(ValueError):
+        with Run(None, BANKS["xmm"], b"", on_exit=lambda run, exc: seen.append(exc)):
+            raise ValueError("boom")
+    assert isinstance(seen[0], ValueError) and str(seen[0]) == "boom"
