@@ -169,7 +169,7 @@ def test_wrong_expect_is_checked(wrong, message):
 
 # --- the hold functions, read back ------------------------------------------------
 
-SPIN_MNEMONICS = {"movq", "movl", "xorl", "incq", "cmpl", "cmpq", "je", "jne", "jb", "syscall", "pause",
+SPIN_MNEMONICS = {"movq", "movl", "xorl", "incq", "cmpl", "cmpq", "testq", "je", "jne", "jb", "syscall", "pause",
                   "rdtsc", "shlq", "orq"}
 SPIN_REGISTERS = {"rax", "eax", "rcx", "rdx", "edx", "rsi", "esi", "rdi", "edi", "r8", "r11"}
 
