@@ -120,6 +120,18 @@ class Backend(abc.ABC):
         for that kind of host."""
         return None
 
+    def init_readout_unjudgeable(self, bank: Bank) -> str | None:
+        """Why this backend's vCPU cannot show whether `bank`'s init state was loaded
+        (the guest's store would read the same either way), or None.  The init_state
+        scenario then skips with this reason instead of judging."""
+        return None
+
+    def init_state_kept(self, bank: Bank) -> bool:
+        """True when this backend's import ABI deliberately keeps `bank`'s register
+        when its XSTATE_BV bit is clear (KVM and PKRU), so init_state expects the value
+        the guest loaded, not the init value."""
+        return False
+
     @abc.abstractmethod
     def start(self, bank: Bank, payload: bytes) -> Session:
         """Boot a guest running `payload` (the bank's flat CPL3 code) to just before stage 0."""

@@ -25,7 +25,7 @@ __all__ = [
     "parse_cpuid_requirement", "CpuidBit", "find_qemu", "find_llvm_mc", "BANK_ORDER", "XCR0_BIT_NAMES",
 ]
 
-BANK_ORDER = ("apx", "hi16_zmm", "zmm_hi256", "opmask", "ymm", "xmm", "x87")
+BANK_ORDER = ("apx", "hi16_zmm", "zmm_hi256", "opmask", "ymm", "xmm", "x87", "pkru")
 
 XCR0_BIT_NAMES = {
     0: "x87", 1: "SSE", 2: "AVX", 3: "BNDREGS", 4: "BNDCSR", 5: "opmask", 6: "ZMM_Hi256",

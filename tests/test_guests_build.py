@@ -14,7 +14,7 @@ from apx_tests.guests import build, elf
 from apx_tests.guests.build import GuestBuildError, available_banks, build_payload, find_llvm_mc, have_llvm_mc
 
 needs_llvm = pytest.mark.skipif(not have_llvm_mc(), reason="llvm-mc ≥ 18 not installed (Debian: llvm-19)")
-ALL_BANKS = ("apx", "hi16_zmm", "zmm_hi256", "opmask", "ymm", "xmm", "x87")
+ALL_BANKS = ("apx", "hi16_zmm", "zmm_hi256", "opmask", "ymm", "xmm", "x87", "pkru")
 MISSING = "llvm-mc ≥ 18 not found (install llvm-19); needed to assemble guests/payload/apx.S"
 
 

@@ -42,9 +42,9 @@ def test_case_ids_cover_banks_and_scenarios(pytester):
     pytester.makepyfile(SUITE)
     result = pytester.runpytest("--collect-only", "-q", "--apx-backend", "kvm")
     ids = {line.split("[", 1)[1].rstrip("]") for line in result.outlines if "test_scenario[" in line}
-    want = {f"kvm-{bank}-{name}" for bank in ("apx", "hi16_zmm", "zmm_hi256", "opmask", "ymm", "xmm", "x87")
+    want = {f"kvm-{bank}-{name}" for bank in ("apx", "hi16_zmm", "zmm_hi256", "opmask", "ymm", "xmm", "x87", "pkru")
             for name in KVM_SCENARIOS} | {"kvm-apx-xcr0_cycle"}
-    assert len(want) == 7 * 7 + 1
+    assert len(want) == 8 * 7 + 1
     assert ids == want
 
 

@@ -240,7 +240,7 @@ def test_bank_reasons_name_every_missing_piece():
     assert "AVX512BW (CPUID.(EAX=7,ECX=0):EBX[30]=0)" in banks["opmask"].reason
     for name in ("ymm", "xmm", "x87"):
         assert banks[name].kvm_runnable and banks[name].reason is None, banks[name]
-    assert list(banks)[:7] == list(probe_mod.BANK_ORDER)
+    assert list(banks)[:len(probe_mod.BANK_ORDER)] == list(probe_mod.BANK_ORDER)
 
 
 def test_bank_reason_when_only_kvm_lacks_apx():

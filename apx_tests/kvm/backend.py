@@ -17,6 +17,14 @@ AMX_MASK = (1 << 17) | (1 << 18)  # needs ARCH_REQ_XCOMP_GUEST_PERM first; never
 USER_XCR0_MASK = (1 << 32) - 1 & ~(1 << 8) & ~(1 << 10) & ~(0x3F << 11)  # no supervisor bits
 
 
+PKRU_BIT = 1 << 9
+
+
+def needs_pke(bank: Bank) -> bool:
+    """The bank's payload uses rdpkru/wrpkru, which #UD unless CR4.PKE is set."""
+    return bool(bank.xcr0_mask & PKRU_BIT)
+
+
 class KvmHost:
     """What /dev/kvm offers, asked once per test session (KVM_GET_SUPPORTED_CPUID alone
     costs ~0.65 ms here, more than half a scenario)."""
@@ -66,6 +74,27 @@ class KvmHost:
 
     def profile_unavailable(self) -> str | None:
         return profiles.unavailable(self.profile, self.supported_xcr0, "KVM (supported XCR0)")
+
+    @cached_property
+    def x87_empty_store(self) -> bytes:
+        """What a vCPU of this KVM stores for `fninit; fstpt` (a pop of an empty x87
+        stack), measured once by a tiny guest.  Hardware stores the QNaN "real
+        indefinite" (the underflow is masked by the init FCW); QEMU's TCG does not
+        emulate stack underflow and stores zeros, and so does a KVM nested in a TCG guest,
+        whose vCPU is TCG's."""
+        with MicroVm(self.kvm, self.guest_cpu) as vm:
+            vm.boot(X87_UNDERFLOW_PROBE, protocol.pack_mailbox_header(bank_bytes=ST_BYTES))
+            event = vm.run()
+            if event.kind != "done":
+                raise GuestError(f"x87 underflow probe: expected done, got {event.kind} {event.value}")
+            return vm.read(MAILBOX + protocol.STORE_AREA, ST_BYTES)
+
+
+# fninit; fstpt 0x3000(%rdi) (STORE_AREA); movb $1, %al; outb %al, $0xf4 (done); jmp back
+# to the out.  Encodings from llvm-mc-19 (tests/test_kvm_vmm.py re-assembles and compares).
+X87_UNDERFLOW_PROBE = bytes.fromhex("dbe3" "dbbf00300000" "b001" "e6f4" "ebfc")
+ST_BYTES = 10
+X87_INDEFINITE = (0xFFFF << 64 | 0xC000000000000000).to_bytes(ST_BYTES, "little")
 
 
 class RecordedKvmHost(KvmHost):
@@ -134,6 +163,26 @@ class KvmBackend(Backend):
         from ..xsave.layout import component_name
         return [f"{bit} {component_name(bit)}" for bit in range(64) if mask >> bit & 1]
 
+    def init_readout_unjudgeable(self, bank: Bank) -> str | None:
+        """x87 under a vCPU that does not emulate stack underflow: the init state (an
+        empty stack) and a zeroed valid stack read alike, so init_state cannot judge."""
+        if bank.name != "x87" or isinstance(self.host, RecordedKvmHost):
+            return None
+        stored = self.host.x87_empty_store
+        if stored == X87_INDEFINITE:
+            return None
+        return (f"this vCPU does not emulate x87 stack underflow: `fninit; fstpt` stored "
+                f"0x{stored[::-1].hex()} where hardware stores the real indefinite "
+                f"0x{X87_INDEFINITE[::-1].hex()} (QEMU TCG under this guest's KVM), so an "
+                f"empty (init) x87 stack cannot be told from a zeroed one")
+
+    def init_state_kept(self, bank: Bank) -> bool:
+        # KVM_SET_XSAVE passes no PKRU pointer to copy_uabi_to_xstate() when XSTATE_BV[9]
+        # is clear, so the vCPU keeps its PKRU ("KVM hasn't used XRSTOR and hasn't had the
+        # PKRU resetting behavior", arch/x86/kernel/fpu/xstate.c): the KVM ABI, kept on
+        # purpose; a change to it is what init_state then reports.
+        return bool(bank.xstate_mask & PKRU_BIT)
+
     def start(self, bank: Bank, payload: bytes) -> "KvmSession":
         return KvmSession.boot(self, bank, payload)
 
@@ -157,7 +206,7 @@ class KvmSession(Session):
         vm = MicroVm(owner.host.kvm, owner.host.guest_cpu)
         try:
             mailbox = protocol.pack_mailbox_header(bank_bytes=bank.size)
-            vm.boot(payload, mailbox)
+            vm.boot(payload, mailbox, pke=needs_pke(bank))
         except BaseException:
             vm.close()
             raise

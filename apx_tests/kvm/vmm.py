@@ -40,6 +40,7 @@ USER_CS, USER_DS, TSS_SEL = 0x18 | 3, 0x20 | 3, 0x28
 
 CR0_PE, CR0_MP, CR0_ET, CR0_NE, CR0_WP, CR0_PG = 1, 1 << 1, 1 << 4, 1 << 5, 1 << 16, 1 << 31
 CR4_PAE, CR4_OSFXSR, CR4_OSXMMEXCPT, CR4_OSXSAVE = 1 << 5, 1 << 9, 1 << 10, 1 << 18
+CR4_PKE = 1 << 22  # protection keys for user pages: rdpkru/wrpkru #UD without it
 EFER_LME, EFER_LMA = 1 << 8, 1 << 10
 RFLAGS_IOPL3 = 3 << 12
 PTE_P, PTE_RW, PTE_US, PTE_PS = 1, 2, 4, 0x80
@@ -105,8 +106,11 @@ def guest_cpuid(supported: list[CpuidEntry], xcr0: int,
             ecx |= 1 << 26  # XSAVE
             if xcr0 & 0x4:
                 ecx |= 1 << 28  # AVX
-        elif e.function == 7 and e.index == 0 and xcr0 & 0xE0 == 0xE0:
-            ebx |= (1 << 16) | (1 << 17) | (1 << 30) | (1 << 31)  # AVX512 F, DQ, BW, VL
+        elif e.function == 7 and e.index == 0:
+            if xcr0 & 0xE0 == 0xE0:
+                ebx |= (1 << 16) | (1 << 17) | (1 << 30) | (1 << 31)  # AVX512 F, DQ, BW, VL
+            if xcr0 & (1 << 9):
+                ecx |= 1 << 3  # PKU: KVM refuses CR4.PKE (KVM_SET_SREGS) without it
         elif e.function == 7 and e.index == 1 and xcr0 & (1 << 19):
             edx |= 1 << 21  # APX_F
         out.append(CpuidEntry(e.function, e.index, e.flags, eax, ebx, ecx, edx))
@@ -158,9 +162,10 @@ class MicroVm:
         return self.memory[gpa: gpa + size]
 
     # --- boot --------------------------------------------------------------------------
-    def boot(self, code: bytes, mailbox: bytes) -> None:
+    def boot(self, code: bytes, mailbox: bytes, *, pke: bool = False) -> None:
         """Place page tables, GDT/TSS, the payload and its mailbox image; set the vCPU to
-        enter the payload at CPL3 with %rdi = mailbox."""
+        enter the payload at CPL3 with %rdi = mailbox.  `pke`: set CR4.PKE, only for a
+        bank that needs it (pkru), so every other bank runs as before."""
         if len(mailbox) > protocol.MAILBOX_SIZE:
             raise GuestError(f"mailbox image is {len(mailbox)} bytes, the page holds {protocol.MAILBOX_SIZE}")
         if len(code) > STACK_TOP - PAYLOAD - 0x10000:
@@ -171,6 +176,8 @@ class MicroVm:
         self.write(MAILBOX, mailbox)
 
         sregs = _long_mode_sregs(self.vcpu)
+        if pke:
+            sregs.cr4 |= CR4_PKE
         self.vcpu.set_sregs(sregs)
         self.vcpu.set_xcr0(self.cpu.xcr0)
 

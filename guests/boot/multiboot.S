@@ -92,6 +92,7 @@
     .set CR4_OSFXSR, 1 << 9
     .set CR4_OSXMMEXCPT, 1 << 10
     .set CR4_OSXSAVE, 1 << 18
+    .set CR4_PKE, 1 << 22                   /* rdpkru/wrpkru (bank pkru) #UD without it */
     .set MSR_EFER, 0xC0000080
     .set EFER_LME, 1 << 8
     .set RFLAGS_IOPL3, 3 << 12
@@ -138,8 +139,21 @@ entry32:
     lgdt    GDTR_ADDR
     movl    $PML4_ADDR, %eax
     movl    %eax, %cr3
+    xorl    %esi, %esi                      /* CR4.PKE where the CPU has PKU, else 0 */
+    xorl    %eax, %eax
+    cpuid
+    cmpl    $7, %eax
+    jb      3f
+    movl    $7, %eax
+    xorl    %ecx, %ecx
+    cpuid
+    btl     $3, %ecx                        /* CPUID.(7,0):ECX[3] PKU */
+    jnc     3f
+    movl    $CR4_PKE, %esi
+3:
     movl    %cr4, %eax
     orl     $(CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT | CR4_OSXSAVE), %eax
+    orl     %esi, %eax
     movl    %eax, %cr4
     movl    $MSR_EFER, %ecx
     rdmsr
