@@ -63,7 +63,8 @@ def _bank_spans(bank: Bank) -> dict[int, tuple[int, int]]:
 def target(bank: Bank) -> tuple[Register, int]:
     """The register and byte a one-place fault hits: past the middle of the bank, past the
     middle of the register (ymm: ymm9 byte 17, the upper half; xmm9 byte 9; st5 byte 6)."""
-    reg = bank.registers[len(bank.registers) // 2 + 1]
+    # min(): a bank of one register (pkru) has no "past the middle" register.
+    reg = bank.registers[min(len(bank.registers) // 2 + 1, len(bank.registers) - 1)]
     return reg, reg.width // 2 + 1
 
 
@@ -178,6 +179,13 @@ class DropXstateBv(_ImageFault):
 
 class Swap(_ImageFault):
     def edit(self, image, bank):
+        if len(bank.registers) < 2:
+            # One register (pkru): the off-by-one lands inside it; its two halves swap.
+            reg = bank.registers[0]
+            value = _read_raw(image, reg)
+            half = len(value) // 2
+            _write_raw(image, reg, value[half:] + value[:half])
+            return image
         a, b = swap_pair(bank)
         va, vb = _read_raw(image, a), _read_raw(image, b)
         _write_raw(image, a, vb)
@@ -188,7 +196,8 @@ class Shift8(_ImageFault):
     def edit(self, image, bank):
         for comp, (lo, hi) in _bank_spans(bank).items():
             data = bytearray(image.raw_component_bytes(comp))
-            data[lo:hi] = bytes(8) + data[lo:hi - 8]
+            shift = min(8, (hi - lo) // 2)  # pkru's 4 bytes: by 2, keeping the span's size
+            data[lo:hi] = bytes(shift) + data[lo:hi - shift]
             image.set_component_bytes(comp, bytes(data), mark=False)
 
 

@@ -20,7 +20,9 @@ import pytest
 from .cases import BACKEND_FEATURES, CaseId
 from .faults import FAULTS
 
-_CASE_ID = re.compile(r"\[(?:[^\]]*-)?((?:qemu-kvm|qemu-tcg|kvm)-[a-z0-9_]+-[a-z0-9_]+)\]$")
+# The case id at the end of a node id; a kernel under test's prefix (kernel[R]-) stays on
+# it, so the tally tells the guest's cases from this host's.
+_CASE_ID = re.compile(r"\[(?:[^\]\[]*-)?((?:kernel\[[^\]]*\]-)?(?:qemu-kvm|qemu-tcg|kvm)-[a-z0-9_]+-[a-z0-9_]+)\]$")
 _tally_key = pytest.StashKey["_Tally"]()
 
 

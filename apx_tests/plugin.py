@@ -27,7 +27,9 @@ _probe_key = pytest.StashKey[Probe]()
 _configs: list[pytest.Config] = []  # a stack: pytester runs sessions inside a session
 
 # --- remote hosts (--apx-host, fleets): their own plugin module, docs/remote.md ---------------
-pytest_plugins = ["apx_tests.remote.pytest_remote", "apx_tests.faults_pytest", "apx_tests.report_pytest"]
+pytest_plugins = ["apx_tests.remote.pytest_remote", "apx_tests.faults_pytest", "apx_tests.report_pytest",
+                  # --apx-kernel: the KVM cases inside a QEMU guest of a kernel under test (docs/kernel-under-test.md)
+                  "apx_tests.kut.pytest_kut"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

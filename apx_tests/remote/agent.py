@@ -108,10 +108,21 @@ class _BundlePayloads:
 
     def __init__(self, bundle: str | None, workdir: str | None):
         self.zip = zipfile.ZipFile(bundle) if bundle and zipfile.is_zipfile(bundle) else None
+        # The bundle unpacked into a directory (a kernel under test runs it from the
+        # host's read-only root, with bytecode compiled beforehand): payloads/ is there.
+        self.directory = bundle if bundle and os.path.isdir(os.path.join(bundle, "payloads")) else None
         self.workdir = workdir
 
     def __call__(self, bank: str) -> bytes:
         from ..guests.build import GuestBuildError, build_payload
+        if self.directory is not None:
+            base = os.path.join(self.directory, "payloads", bank)
+            if os.path.isfile(base + ".bin"):
+                with open(base + ".bin", "rb") as f:
+                    return f.read()
+            if os.path.isfile(base + ".error"):
+                with open(base + ".error") as f:
+                    raise GuestBuildError(f.read())
         if self.zip is not None:
             names = set(self.zip.namelist())
             if f"payloads/{bank}.bin" in names:
@@ -145,6 +156,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-probe", action="store_true", help="skip the host probe record")
     run.add_argument("--cpu-profile", default="host", choices=sorted(PROFILES), metavar="PROFILE",
                      help="CPU profile the backends give guests (apx_tests.profiles; --apx-cpu)")
+    run.add_argument("--inject", metavar="FAULT", default=None,
+                     help="run the cases with this deliberate VMM bug (apx_tests.faults; --apx-inject)")
     return parser
 
 
@@ -179,7 +192,7 @@ def _run(args: argparse.Namespace, bundle: str | None) -> int:
 
     start = time.monotonic()
     _emit({"kind": "hello", "agent": AGENT_PROTOCOL, "pid": os.getpid(), "hostname": platform.node(),
-           "python": platform.python_version()}, args.json)
+           "python": platform.python_version(), "kernel": platform.release()}, args.json)
     if not args.no_probe:
         from ..probe import probe
         try:
@@ -190,8 +203,16 @@ def _run(args: argparse.Namespace, bundle: str | None) -> int:
                   args.json)
 
     from ..cases import CaseRunner
+    wrapper = None
+    if args.inject:
+        from ..faults import FAULTS
+        if args.inject not in FAULTS:
+            sys.stderr.write(f"apx agent: --inject {args.inject}: no such fault (known: {', '.join(FAULTS)})\n")
+            return 2
+        wrapper = FAULTS[args.inject].wrap
     counts = {"pass": 0, "fail": 0, "skip": 0}
-    with CaseRunner(_BundlePayloads(bundle, _workdir), profile=args.cpu_profile) as runner:
+    with CaseRunner(_BundlePayloads(bundle, _workdir), profile=args.cpu_profile,
+                    session_wrapper=wrapper) as runner:
         for case_id in ids:
             result = runner.run(case_id)
             counts[result.outcome] += 1

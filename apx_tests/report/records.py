@@ -87,8 +87,12 @@ class TestRecord:
     def skip_reason(self) -> str:
         """The reason without the `<label>: ` every case message starts with."""
         reason = self.reason
-        prefix = f"{self.label}: "
-        return reason[len(prefix):] if reason.startswith(prefix) else reason
+        # A guest's or remote host's case (kernel[R]-kvm-ymm-import) reports the message
+        # the agent wrote, which starts with the bare case id.
+        for prefix in (f"{self.label}: ", f"{self.label.rsplit(']-', 1)[-1]}: "):
+            if reason.startswith(prefix):
+                return reason[len(prefix):]
+        return reason
 
     @classmethod
     def for_test(cls, nodeid: str, properties: dict[str, str], order: int = 0) -> "TestRecord":
@@ -102,6 +106,10 @@ class TestRecord:
             module = module[:-3] if module.endswith(".py") else module
             return cls(nodeid, name, module, properties=dict(properties), order=order)
         backend, bank, scenario = parsed
+        if label.startswith("kernel[") and "]-" in label:
+            # A kernel under test (apx_tests.kut): its own row in the summary table, beside
+            # this host's KVM, not merged into the same cells.
+            backend = f"{label[:label.index(']-') + 1]}-{backend}"
         return cls(nodeid, label, bank, backend, bank, scenario, properties=dict(properties), order=order)
 
     def update(self, when: str, outcome: str, *, reason: str = "", lines=(), xfail: str | None = None) -> None:
