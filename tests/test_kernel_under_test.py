@@ -23,6 +23,7 @@ from apx_tests.faults_pytest import _CASE_ID
 from apx_tests.kut import kernel as kmod
 from apx_tests.kut.guest import GuestHost, GuestOptions, KernelSpec, choose_accel, parse_record
 from apx_tests.remote.ssh import RemoteError
+from apx_tests.report.artifacts import safe_name
 from apx_tests.report.records import TestRecord
 
 SUITE = """
@@ -172,7 +173,7 @@ def _junit_props(path: Path) -> dict[str, dict[str, str]]:
 
 
 def test_debian_kernel_runs_the_kvm_cases_inside(pytester, debian_tree, nothing_left_behind):
-    pytester.makepyfile(SUITE)
+    pytester.makepyfile(test_suite=SUITE)  # a file name without "kernel": -k kernel picks the guest's items
     junit = pytester.path / "junit.xml"
     result = pytester.runpytest_subprocess(
         "-m", "apx", "--apx-backend", "kvm", "--apx-kernel", "debian", "-k", "kernel and (pkru or x87)",
@@ -204,7 +205,7 @@ def test_debian_kernel_runs_the_kvm_cases_inside(pytester, debian_tree, nothing_
 
 
 def test_injected_fault_fails_inside_naming_the_register(pytester, debian_tree, nothing_left_behind):
-    pytester.makepyfile(SUITE)
+    pytester.makepyfile(test_suite=SUITE)
     artifacts = pytester.path / "art"
     result = pytester.runpytest_subprocess(
         "-m", "apx", "--apx-backend", "kvm", "--apx-kernel", "debian", "--apx-inject", "swap",
@@ -212,7 +213,7 @@ def test_injected_fault_fails_inside_naming_the_register(pytester, debian_tree, 
     result.assert_outcomes(failed=1)
     text = "\n".join(result.outlines)
     assert re.search(r"kvm-ymm-export: .*ymm2", text) and "ymm13" in text
-    folder = artifacts / f"kernel[{debian_tree.release}]-kvm-ymm-export"
+    folder = artifacts / safe_name(f"kernel[{debian_tree.release}]-kvm-ymm-export")
     assert {"record.json", "console.log"} <= {p.name for p in folder.iterdir()}
     assert "# apx-kut: kvm: ok" in (folder / "console.log").read_text()
 

@@ -414,6 +414,13 @@ class GuestHost:
         return self.error("run", f"QEMU exited before {case_id} was reported "
                                  f"({self._qemu_tail() or self._console_tail()})")
 
+    def wait_done(self, timeout: float = 60.0) -> None:
+        """Until the agent's "done" record (its last line) arrived or the guest ended."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            while self._done_record is None and not self._done and time.monotonic() < end:
+                self._cond.wait(0.5)
+
     def counts(self) -> dict[str, int]:
         counts = {"pass": 0, "fail": 0, "skip": 0}
         for result in self.results.values():
