@@ -236,3 +236,26 @@ def test_no_usable_dev_kvm_is_one_line_for_every_item(debian_tree, nothing_left_
     with pytest.raises(RemoteError) as again:  # every item gets the same line
         guest.result("kvm-ymm-import")
     assert str(again.value) == text
+
+
+def test_x87_underflow_probe_is_what_it_says():
+    """The probe's bytes are llvm-mc's for its comment's instructions, and this host's
+    vCPU (hardware under kvm_pvm, or any real KVM) stores the real indefinite."""
+    from apx_tests.guests.build import GuestBuildError, find_llvm_mc
+    from apx_tests.kvm.backend import X87_INDEFINITE, X87_UNDERFLOW_PROBE, KvmHost
+    try:
+        llvm_mc = find_llvm_mc("check the x87 probe")
+    except GuestBuildError as exc:
+        pytest.skip(str(exc))
+    source = "fninit\nfstpt 0x3000(%rdi)\nmovb $1, %al\nl: outb %al, $0xf4\njmp l\n"
+    out = subprocess.run([llvm_mc, "--triple=x86_64", "--show-encoding"], input=source, capture_output=True,
+                         text=True, check=True).stdout
+    encoded = b"".join(bytes(int(b, 16) for b in re.findall(r"0x([0-9a-f]{2})", enc))
+                       for enc in re.findall(r"encoding: \[([^\]]*)\]", out) if "A" not in enc)
+    assert X87_UNDERFLOW_PROBE.startswith(encoded)  # the jmp's relocated byte aside
+    assert X87_UNDERFLOW_PROBE.endswith(bytes.fromhex("ebfc"))  # jmp back to the out
+    host = KvmHost()
+    try:
+        assert host.x87_empty_store == X87_INDEFINITE
+    finally:
+        host.close()

@@ -91,7 +91,7 @@ class KvmHost:
 
 
 # fninit; fstpt 0x3000(%rdi) (STORE_AREA); movb $1, %al; outb %al, $0xf4 (done); jmp back
-# to the out.  Encodings from llvm-mc-19 (tests/test_kvm_vmm.py re-assembles and compares).
+# to the out.  Encodings from llvm-mc-19 (tests/test_kernel_under_test.py re-assembles them).
 X87_UNDERFLOW_PROBE = bytes.fromhex("dbe3" "dbbf00300000" "b001" "e6f4" "ebfc")
 ST_BYTES = 10
 X87_INDEFINITE = (0xFFFF << 64 | 0xC000000000000000).to_bytes(ST_BYTES, "little")
