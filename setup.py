@@ -27,7 +27,7 @@ class build_py_with_guests(build_py):
         # This tree's builder, not whatever apx_tests the build environment has installed.
         sys.path.insert(0, str(ROOT))
         try:
-            from apx_tests.guests import build
+            from apx_tests.guests import boot, build
         finally:
             sys.path.remove(str(ROOT))
         package = Path(self.build_lib) / "apx_tests"
@@ -42,7 +42,7 @@ class build_py_with_guests(build_py):
         os.environ["APX_GUESTS_DIR"] = str(ROOT / "guests")
         try:
             _, errors = build.write_prebuilt(lambda name, data: (prebuilt / name).write_bytes(data),
-                                             boot_stub=True)
+                                             extra=[boot.PREBUILT_STUB])
         finally:
             if saved is None:
                 del os.environ["APX_GUESTS_DIR"]

@@ -168,14 +168,14 @@ def decode_lines(image) -> list[str]:
 
 
 def _cmd_decode(args: argparse.Namespace) -> int:
-    from .xsave import XsaveError
+    from .xsave import XsaveError, diff_images
 
     try:
         layout = _layout(args.cpuid)
         image = _read_image(args.file, layout, args.layout)
         expected = _read_image(args.expect, layout, args.layout) if args.expect else None
         lines = decode_lines(image)
-        differences = image.diff(expected) if expected is not None else []
+        differences = diff_images(expected, image) if expected is not None else []
     except XsaveError as exc:  # message starts with the file it is about
         raise _CliError(str(exc)) from None
     for line in lines:

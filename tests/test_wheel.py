@@ -52,7 +52,8 @@ def prebuilt(tmp_path, monkeypatch) -> Path:
     directory = tmp_path / "_prebuilt"
     directory.mkdir()
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "wheel-build-cache"))  # as on another machine
-    built, errors = build.write_prebuilt(lambda name, data: (directory / name).write_bytes(data), boot_stub=True)
+    built, errors = build.write_prebuilt(lambda name, data: (directory / name).write_bytes(data),
+                                         extra=[boot.PREBUILT_STUB])
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     assert errors == {} and set(built) == set(available_banks())
     monkeypatch.setattr(build, "prebuilt_dir", lambda: directory)

@@ -112,8 +112,8 @@ def test_diff_images_ignore():
         diff_images(before, after, ignore=["k9"])
 
 
-def test_image_diff_method():
+def test_diff_names_an_apx_register():
     expected = XsaveImage.build(APX, {})
     actual = expected.copy()
     actual.write("r31", b"\x05" + bytes(7))
-    assert [str(d) for d in actual.diff(expected)] == ["apx r31 byte 0: want 0x00 got 0x05"]
+    assert [str(d) for d in diff_images(expected, actual)] == ["apx r31 byte 0: want 0x00 got 0x05"]

@@ -269,3 +269,12 @@ def bootinfo_size(stub: BootStub) -> int:
 def describe_boot_failure(status: int) -> str | None:
     """The stub's failure for an isa-debug-exit status, or None if it is not one."""
     return BOOT_FAILURES.get(status)
+
+
+def _stub_for_prebuilt():
+    stub = boot_stub()
+    return stub.code, boot_source(), stub.digest, {"symbols": stub.symbols}
+
+
+# The boot stub as an extra item of build.write_prebuilt (a wheel ships it beside the payloads).
+PREBUILT_STUB = (BOOT_STUB, _stub_for_prebuilt)

@@ -447,10 +447,12 @@ def prebuilt(name: str, what: str, source: Path, missing: GuestBuildError,
     return code, entry
 
 
-def write_prebuilt(add, banks: list[str] | None = None, *, boot_stub: bool = False
+def write_prebuilt(add, banks: list[str] | None = None, *, extra=()
                    ) -> tuple[dict[str, str], dict[str, str]]:
-    """Build `banks` (default: all) here, and the boot stub if asked, and hand the files
-    to add(name, data): <name>.bin or <name>.error, then manifest.json.
+    """Build `banks` (default: all) here, and each `extra` item (name, make) — make()
+    returns (code, source path, build digest, manifest fields), as boot.PREBUILT_STUB does
+    for the boot stub — and hand the files to add(name, data): <name>.bin or
+    <name>.error, then manifest.json.
 
     One writer for the wheel (setup.py) and the remote bundle (remote/bundle.py).
     Returns (bank -> code sha256, name -> one-line error); a bank list that cannot be
@@ -471,17 +473,12 @@ def write_prebuilt(add, banks: list[str] | None = None, *, boot_stub: bool = Fal
         add(f"{name}.bin", code)
         manifest[name] = {"file": f"{name}.bin", "digest": digest, "source_digest": source_digest(source),
                           "code_sha256": sha, **extra}
-        if name != BOOT_STUB:
+        if name in wanted:
             built[name] = sha
 
     def payload(bank: str):
         p = build_payload(bank)
         return p.code, p.source_path, p.digest, {}
-
-    def stub():
-        from .boot import boot_source, boot_stub  # boot.py builds on this module
-        s = boot_stub()
-        return s.code, boot_source(), s.digest, {"symbols": s.symbols}
 
     try:
         wanted = banks if banks is not None else available_banks()
@@ -489,8 +486,8 @@ def write_prebuilt(add, banks: list[str] | None = None, *, boot_stub: bool = Fal
         wanted, errors["*"] = [], str(exc)
     for bank in wanted:
         record(bank, lambda: payload(bank))
-    if boot_stub:
-        record(BOOT_STUB, stub)
+    for name, make in extra:
+        record(name, make)
     add(PREBUILT_MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
     return built, errors
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..guests import protocol
-from ..xsave import XsaveImage
+from ..xsave import XsaveImage, diff_images
 
 MAILBOX, EXPORTED, EXPECTED = "mailbox.bin", "exported.bin", "expected.bin"
 IMPORTED, INTENDED = "imported.bin", "intended.bin"
@@ -277,7 +277,7 @@ def decode_text(directory: Path, image: str, expect: str, layout) -> str:
     data = (directory / image).read_bytes()
     want = XsaveImage(layout, (directory / expect).read_bytes(), compacted=None, where=expect)
     got = XsaveImage(layout, data, compacted=None, where=image)
-    differences = got.diff(want)
+    differences = diff_images(want, got)
     lines = [f"# no `apx-tests decode --cpuid` source ({', '.join(CLI_SOURCES)}) has this image's layout "
              f"({layout.where}): the same decode, in-process, with that layout",
              *decode_lines(got)]

@@ -309,12 +309,6 @@ class XsaveImage:
             where=self.where if where is None else where,
         )
 
-    def diff(self, expected: "XsaveImage", ignore=()) -> list:
-        """``diff_images(expected, self, ignore)``: what differs from ``expected``."""
-        from .diff import diff_images  # diff imports this module
-
-        return diff_images(expected, self, ignore=ignore)
-
     @classmethod
     def build(cls, layout: Layout, components: Mapping[int | str, bytes], *, compacted: bool = False,
               size: int | None = None, xstate_bv: int | None = None, xcomp_bv: int | None = None,
