@@ -669,3 +669,174 @@ def test_run_hands_the_exception_to_on_exit():
         with Run(None, BANKS["xmm"], b"", on_exit=lambda run, exc: seen.append(exc)):
             raise ValueError("boom")
     assert isinstance(seen[0], ValueError) and str(seen[0]) == "boom"
+
+
+# ---- every view judged, every observer's line kept (export) ---------------------------------
+
+def with_views(**view_of):
+    """Partial observers name -> view_of(real export image), in the order given."""
+    def wrap(session):
+        return Wrapped(session, views=lambda: {name: (lambda fn=fn: fn(session.export()))
+                                               for name, fn in view_of.items()})
+    return wrap
+
+
+def test_export_judges_a_view_that_follows_one_it_could_not_judge(backend):
+    """gdb (xmm0-15 only: not a verdict on ymm) comes first; the monitor after it reaches
+    the bank and shows ymm3 byte 20 wrong: the monitor must still be judged."""
+    bank, code = runnable(backend, "ymm")
+    want = bank.pattern(LOADED)["ymm3"][20]
+
+    def monitor(image):
+        values = {f"ymm{i}": image.read(f"ymm{i}") for i in range(16)}
+        wrong = bytearray(values["ymm3"])
+        wrong[20] ^= 0x5A
+        values["ymm3"] = bytes(wrong)
+        return values
+
+    with pytest.raises(ScenarioFailure) as failure:
+        with Run(backend, bank, code, session_wrapper=with_views(
+                gdb=lambda image: {f"xmm{i}": image.read(f"xmm{i}") for i in range(16)}, monitor=monitor)) as run:
+            SCENARIOS["export"].run(run)
+    assert failure.value.lines == [f"monitor: avx ymm3 byte 20: want {want:#04x} got {want ^ 0x5A:#04x}",
+                                   f"monitor vs KVM_GET_XSAVE2: avx ymm3 byte 20: want {want:#04x} got {want ^ 0x5A:#04x}"]
+    assert run.notes == ["gdb: not checked, reaches 0/256 bytes of component 2 (avx), 256/256 bytes of "
+                         "component 1 (sse); offers xmm0-15 (16 B each)",
+                         "monitor: reaches 256/256 bytes of component 2 (avx), 256/256 bytes of component 1 (sse)"]
+
+
+def test_export_keeps_an_observers_line_when_a_correct_view_follows(backend):
+    """KVM_GET_XSAVE2 shows st2 byte 3 changed (outside ymm); the monitor view of ymm0-15
+    is right: the observer's line must survive the view's (empty) verdict."""
+    bank, code = runnable(backend, "ymm")
+    seen: list[tuple[int, int]] = []
+    views = with_views(monitor=lambda image: {f"ymm{i}": image.read(f"ymm{i}") for i in range(16)})
+    observers = tampered_observers("st2", 3, seen)
+    with pytest.raises(ScenarioFailure) as failure:
+        with Run(backend, bank, code, session_wrapper=lambda s: views(observers(s))) as run:
+            SCENARIOS["export"].run(run)
+    old, new = seen[0]
+    assert failure.value.lines == [f"KVM_GET_XSAVE2: outside ymm: x87 st2 byte 3: want {old:#04x} got {new:#04x}"]
+    assert run.notes == ["monitor: reaches 256/256 bytes of component 2 (avx), 256/256 bytes of component 1 (sse)"]
+
+
+def test_reaches_own_component_counts_one_byte():
+    """One byte of the bank's own component is enough (ymm0's 17th byte is AVX's first)."""
+    from apx_tests.scenarios.engine import reaches_own_component
+    assert reaches_own_component(BANKS["ymm"], {"ymm0": 17}) is True
+    assert reaches_own_component(BANKS["ymm"], {"ymm0": 16, "ymm15": 16}) is False
+    assert reaches_own_component(BANKS["ymm"], {}) is False
+    assert reaches_own_component(BANKS["xmm"], {"xmm15": 1}) is True
+    assert reaches_own_component(BANKS["x87"], {"st7": 1}) is True
+    assert reaches_own_component(BANKS["pkru"], {"pkru": 1}) is True
+
+
+# ---- the final guest verify of gprs, negative and init_state (KVM keeps PKRU) names itself --
+
+def wrong_expectation(offset: int):
+    """The VMM writes the guest's expected values with one byte (at `offset` of the packed
+    bank) flipped: the guest's own compare must then fail there."""
+    from apx_tests.guests import protocol
+
+    def wrap(session):
+        def write_area(area, data):
+            if area == protocol.EXPECT_AREA:
+                data = bytearray(data)
+                data[offset] ^= 0x5A
+                data = bytes(data)
+            session.write_area(area, data)
+        return Wrapped(session, write_area=write_area)
+    return wrap
+
+
+@pytest.mark.parametrize("scenario,bank_name,offset,line", [
+    ("gprs", "xmm", 5 * 16 + 3, "after reading GPRs: guest verify failed at xmm xmm5 byte 3"),
+    ("negative", "xmm", 9 * 16 + 15, "after refused imports: guest verify failed at xmm xmm9 byte 15"),
+    # KVM keeps PKRU when XSTATE_BV[9] is clear: init_state expects what the guest loaded.
+    ("init_state", "pkru", 2, "after init-state import (kvm keeps pkru when its XSTATE_BV bit is clear): "
+                              "guest verify failed at pkru pkru byte 2"),
+])
+def test_final_guest_verify_line(backend, scenario, bank_name, offset, line):
+    bank, code = runnable(backend, bank_name)
+    with pytest.raises(ScenarioFailure) as failure:
+        with Run(backend, bank, code, session_wrapper=wrong_expectation(offset)) as run:
+            SCENARIOS[scenario].run(run)
+    assert failure.value.lines == [line]
+
+
+# ---- init_state: a backend that cannot judge the init readout makes it a skip -------------
+
+class ClaimingBackend:
+    """The real KVM backend, except that it says why it cannot judge an init readout and
+    records every session start."""
+
+    def __init__(self, inner, why):
+        self._inner, self._why, self.started = inner, why, []
+
+    def init_readout_unjudgeable(self, bank):
+        return self._why
+
+    def start(self, bank, payload):
+        self.started.append(bank.name)
+        return self._inner.start(bank, payload)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def test_init_state_skips_with_the_backends_reason_before_starting(backend):
+    from apx_tests.scenarios import ScenarioNotApplicable
+    bank, code = runnable(backend, "ymm")
+    claiming = ClaimingBackend(backend, "this vCPU stores 0x0 for an empty stack (self-test)")
+    with pytest.raises(ScenarioNotApplicable) as skip:
+        with Run(claiming, bank, code) as run:
+            SCENARIOS["init_state"].run(run)
+    assert str(skip.value) == "this vCPU stores 0x0 for an empty stack (self-test)"
+    assert claiming.started == []
+
+
+# ---- negative: KVM_GET_XSAVE is the first 4096 bytes of a longer KVM_GET_XSAVE2 ------------
+
+def test_negative_compares_kvm_get_xsave_with_the_first_4096_bytes_only(backend):
+    """On an AMX host KVM_GET_XSAVE2 returns 11008 bytes and KVM_GET_XSAVE 4096: a VMM
+    whose XSAVE2 buffer is longer (here: 6912 zero bytes appended, cut off again before
+    KVM_SET_XSAVE) must pass, every invalid image still refused with EINVAL."""
+    from apx_tests.backend import ImportRejected
+    bank, code = runnable(backend, "xmm")
+    size = backend.host.xsave2_size
+    refused = []
+
+    def wrap(session):
+        def import_raw(data):
+            assert len(data) == size + 6912
+            try:
+                session.import_raw(data[:size])
+            except ImportRejected as exc:
+                refused.append(exc.errno)
+                raise
+        return Wrapped(session, export_raw=lambda: session.export_raw() + bytes(6912), import_raw=import_raw)
+
+    with Run(backend, bank, code, session_wrapper=wrap) as run:
+        SCENARIOS["negative"].run(run)
+    assert refused == [22] * len(negative_cases(backend.host.supported_xcr0))
+
+
+def test_negative_compacted_case_changes_only_xcomp_bv_bit_63(backend):
+    """The XCOMP_BV case is the export with byte 527 (XCOMP_BV bits 56..63) = 0x80 and
+    nothing else changed (a standard-format export has XCOMP_BV 0)."""
+    bank, code = runnable(backend, "xmm")
+    exported, given = [], []
+
+    def wrap(session):
+        def export_raw():
+            exported.append(session.export_raw())
+            return exported[-1]
+        return Wrapped(session, export_raw=export_raw, import_raw=given.append)
+
+    with pytest.raises(ScenarioFailure):
+        with Run(backend, bank, code, session_wrapper=wrap) as run:
+            SCENARIOS["negative"].run(run)
+    good = exported[0]
+    assert good[520:528] == bytes(8)
+    compacted = given[len(negative_cases(backend.host.supported_xcr0)) - 2]
+    assert compacted == good[:527] + b"\x80" + good[528:]
