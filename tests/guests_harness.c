@@ -118,7 +118,7 @@ struct cpuid_bit {
 static const struct cpuid_bit FPU = {1, 0, 'd', 0, "FPU"}, SSE = {1, 0, 'd', 25, "SSE"},
     SSE2 = {1, 0, 'd', 26, "SSE2"}, OSXSAVE = {1, 0, 'c', 27, "OSXSAVE"}, AVX = {1, 0, 'c', 28, "AVX"},
     AVX512F = {7, 0, 'b', 16, "AVX512F"}, AVX512BW = {7, 0, 'b', 30, "AVX512BW"},
-    APX_F = {7, 1, 'd', 21, "APX_F"};
+    APX_F = {7, 1, 'd', 21, "APX_F"}, PKU = {7, 0, 'c', 3, "PKU"}, OSPKE = {7, 0, 'c', 4, "OSPKE"};
 
 struct bank_need {
     const char *bank;
@@ -134,6 +134,7 @@ static const struct bank_need NEEDS[] = {
     {"hi16_zmm", {&OSXSAVE, &AVX, &AVX512F}, 0xE7},
     {"opmask", {&OSXSAVE, &AVX, &AVX512F, &AVX512BW}, 0xE7},
     {"apx", {&OSXSAVE, &APX_F}, 1ull << 19},
+    {"pkru", {&OSXSAVE, &PKU, &OSPKE}, 0x203},  /* rdpkru/wrpkru need CR4.PKE: OSPKE */
 };
 
 static const char *XCR0_NAMES[20] = {"x87", "sse", "avx", "bndregs", "bndcsr", "opmask", "zmm_hi256",

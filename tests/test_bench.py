@@ -147,7 +147,8 @@ def test_bench_prints_python_and_c_rows_and_a_ratio(runnable, tmp_path):
     assert by_name["migration 1GiB tcg"]["sides"]["parse"]["iterations"] == 1
     assert by_name["linux-tcg ctx-ymm pair"]["sides"]["spins"]["unit"] == "spins"
     assert [m["name"] for m in data["measurements"]] == ["kvm-import", "kvm-scenarios", "qemu-fresh-vm", "qemu-gdb",
-                                                        "qemu-errors", "migration-parse", "linux", "linux-spins"]
+                                                        "qemu-errors", "migration-parse", "linux", "linux-spins",
+                                                        "kernel"]
     assert data["strict"] is False
     assert data["iterations"] == 3
     assert [m["name"] for m in data["measurements"]][:2] == ["kvm-import", "kvm-scenarios"]

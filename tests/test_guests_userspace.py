@@ -53,6 +53,8 @@ def bank_values(bank: str, seed: int) -> bytes:
     """Distinct random register values; x87 gets well-formed normal numbers."""
     rng = random.Random(f"{bank}-{seed}")
     count, width = protocol.BANK_LAYOUT[bank]
+    if bank == "pkru":  # keys 1-15 only: AD/WD for key 0 (bits 0-1) would fault the mailbox stores
+        return (rng.getrandbits(32) & ~0x3).to_bytes(4, "little")
     if bank == "x87":  # 64-bit significand with the integer bit set, biased exponent 1..0x7ffe, any sign
         return b"".join(
             struct.pack("<QH", rng.getrandbits(63) | 1 << 63, rng.randrange(1, 0x7FFF) | rng.getrandbits(1) << 15)

@@ -301,7 +301,7 @@ def _one_line(exc: BaseException) -> str:
 def test_qemu_dying_before_the_ready_line(env, monkeypatch):
     """A bank TCG lacks, let through: the guest's holder skips, /init powers off, and
     QEMU exits before any ready line."""
-    monkeypatch.setattr(linux_session, "unavailable_reason", lambda bank, accel="tcg": None)
+    monkeypatch.setattr(linux_session, "unavailable_reason", lambda bank, accel="tcg", **_: None)
     run = LinuxHolderRun("zmm_hi256", **env)
     try:
         with pytest.raises(LinuxSessionError) as info:

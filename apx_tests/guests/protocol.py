@@ -51,7 +51,7 @@ EXIT_PORT = 0xF4  # KVM VMM: guest done; QEMU: isa-debug-exit (value = status)
 # Bank name -> (register count, bytes per register).  The payload loads and
 # stores the registers packed in this order (apx: r16..r31, hi16_zmm:
 # zmm16..zmm31, zmm_hi256: zmm0..zmm15 in full, opmask: k0..k7, ymm: ymm0..15,
-# xmm: xmm0..15, x87: st0..st7).  This order is an ABI shared with the XSAVE
+# xmm: xmm0..15, x87: st0..st7, pkru: PKRU).  This order is an ABI shared with the XSAVE
 # model (apx_tests.xsave); guests/payload/<bank>.S implements each line.
 BANK_LAYOUT: dict[str, tuple[int, int]] = {
     "apx": (16, 8),
@@ -61,6 +61,7 @@ BANK_LAYOUT: dict[str, tuple[int, int]] = {
     "ymm": (16, 32),
     "xmm": (16, 16),
     "x87": (8, 10),
+    "pkru": (1, 4),
 }
 
 _HEADER = struct.Struct("<6I")
