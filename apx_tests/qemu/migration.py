@@ -489,7 +489,7 @@ class CpuState:
         if name in self._pieces:
             return self._pieces[name]
         kind, idx = _split_name(name)
-        if kind in ("xmm", "ymm", "zmm"):
+        if kind in ("xmm", "ymm", "zmm") and idx >= 0:  # not a bare "xmm" (idx -1)
             qwords = {"xmm": 2, "ymm": 4, "zmm": 8}[kind]
             if kind != "zmm" and idx >= 16:
                 raise self._error(f"no register {name}: only {kind}0-{kind}15 exist")
@@ -504,7 +504,7 @@ class CpuState:
                 raise self._error(f"the stream has no field for {name} bytes {8 * missing[0]}.."
                                   f"{8 * missing[-1] + 7} ({_lane_hint(idx, missing[0])})")
             return pieces
-        if kind == "st" and idx < 8:
+        if kind == "st" and 0 <= idx < 8:  # not a bare "st": ST(-1) is no register
             if not self._fpregs:
                 raise self._error(f"the stream has no env.fpregs for {name}")
             phys = (self.fpstt + idx) & 7 if self.fpregs_physical() else idx
