@@ -29,6 +29,25 @@ class HostSpec:
         return f"{self.user}@{host}:{self.port}"
 
     @property
+    def title(self) -> str:
+        """How summaries name this member of a fleet (a labgrid place adds its name)."""
+        return self.label
+
+    @property
+    def prefix(self) -> str:
+        """The start of every one-line error about this host."""
+        return f"apx-host {self.label}"
+
+    @property
+    def item_tag(self) -> str:
+        """The part of a remote item's id before the case id."""
+        return f"remote[{self.label}]"
+
+    def junit_properties(self) -> list[tuple[str, str]]:
+        """Extra JUnit properties of this host's items (a labgrid place names itself)."""
+        return []
+
+    @property
     def known_hosts_name(self) -> str:
         """The name OpenSSH's known_hosts uses: `host`, or `[host]:port` off port 22."""
         return self.host if self.port == DEFAULT_PORT else f"[{self.host}]:{self.port}"

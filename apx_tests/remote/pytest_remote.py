@@ -109,18 +109,30 @@ def pytest_configure(config: pytest.Config) -> None:
         hosts = parse_hosts(texts)
     except HostSpecError as exc:
         raise pytest.UsageError(str(exc)) from None
+    fleet = ensure_fleet(config, "--apx-host")
+    for spec in hosts:
+        fleet.add(spec)
+
+
+def ensure_fleet(config: pytest.Config, option: str) -> "Fleet":
+    """This session's fleet, made (and its options checked) by the first option that adds
+    members to it: --apx-host here, --apx-place in apx_tests.remote.pytest_labgrid."""
+    fleet = fleet_of(config)
+    if fleet is not None:
+        return fleet
     mode = _value(config, "apx_fleet")
     if mode not in FLEET_MODES:
         raise pytest.UsageError(f"apx_fleet: {mode!r}; choose from {', '.join(FLEET_MODES)}")
     if getattr(config.option, "numprocesses", None) or os.environ.get("PYTEST_XDIST_WORKER"):
-        raise pytest.UsageError("--apx-host does not combine with pytest-xdist (-n): remote hosts already "
-                                "run in parallel; give several --apx-host instead (docs/remote.md)")
+        raise pytest.UsageError(f"{option} does not combine with pytest-xdist (-n): remote hosts already "
+                                f"run in parallel; give several {option} instead (docs/remote.md)")
     options = ssh_options(config)
     if options.key_filename and not os.path.isfile(options.key_filename):
         raise pytest.UsageError(f"--apx-ssh-key {options.key_filename}: no such file")
     if options.known_hosts and not os.path.isfile(options.known_hosts):
         raise pytest.UsageError(f"--apx-known-hosts {options.known_hosts}: no such file")
-    config.stash[_fleet_key] = Fleet(hosts, options, mode)
+    fleet = config.stash[_fleet_key] = Fleet([], options, mode)
+    return fleet
 
 
 def fleet_of(config: pytest.Config) -> "Fleet | None":
@@ -134,7 +146,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     keys = ("NOT checked (--apx-host-insecure)" if fleet.options.insecure
             else f"checked against {fleet.options.known_hosts_path}")
     how = "each case on every host" if fleet.mode == "each" else "cases split round-robin"
-    return [f"apx remote: KVM cases on {', '.join(h.label for h in fleet.hosts)} ({how}); host keys {keys}"]
+    return [f"apx remote: KVM cases on {', '.join(h.title for h in fleet.hosts)} ({how}); host keys {keys}"]
 
 
 # --- the fleet ------------------------------------------------------------------------------
@@ -143,13 +155,23 @@ class Fleet:
     """The remote hosts of this session; started once, together, by the first remote item."""
 
     def __init__(self, hosts: list[HostSpec], options: SshOptions, mode: str):
-        self.hosts = hosts
+        self.hosts: list[HostSpec] = []
         self.options = options
         self.mode = mode
         self._lock = threading.Lock()
         self._bundle = None
-        self.remotes = {spec: RemoteHost(spec, options, self.bundle) for spec in hosts}
+        self.remotes: dict[HostSpec, RemoteHost] = {}
         self.started = False
+        for spec in hosts:
+            self.add(spec)
+
+    def add(self, spec: HostSpec, remote: RemoteHost | None = None) -> None:
+        """A member: a host (--apx-host), or a RemoteHost subclass that does more around the
+        SSH run (a labgrid place acquires the machine first and releases it after)."""
+        if spec in self.remotes:
+            raise pytest.UsageError(f"{spec.prefix} given twice")
+        self.hosts.append(spec)
+        self.remotes[spec] = remote or RemoteHost(spec, self.options, self.bundle)
 
     def bundle(self):
         from .bundle import build_bundle
@@ -208,7 +230,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         seen.add(key)
         for host in fleet.assign(index):
             out.append(RemoteCaseItem.from_parent(
-                item.parent, name=f"{item.originalname}[remote[{host.label}]-{case.id}]",
+                item.parent, name=f"{item.originalname}[{host.item_tag}-{case.id}]",
                 case=case, host=host, origin=item))
         index += 1
     items[:] = out
@@ -226,6 +248,10 @@ def _error_of(call) -> str | None:
 
 class RemoteCaseItem(pytest.Item):
     """One scenario case run on a remote host; its outcome is the remote outcome."""
+
+    # No fixtures. Said explicitly because other plugins read it from every item: labgrid's
+    # (loaded whenever labgrid is installed) fails each item without it (AttributeError).
+    fixturenames: tuple[str, ...] = ()
 
     def __init__(self, *, case: CaseId, host: HostSpec, origin: pytest.Item, **kwargs):
         super().__init__(**kwargs)
@@ -268,11 +294,12 @@ class RemoteCaseItem(pytest.Item):
 
     def _attach(self, remote: RemoteHost, result) -> None:
         self.user_properties.append(("apx.remote.host", self.host.label))
+        self.user_properties.extend(self.host.junit_properties())
         self.user_properties.append(("apx.remote.duration", f"{result.duration:.6f}"))
         for key, value in sorted(result.facts.items()):
             if value is not None:
                 self.user_properties.append((f"apx.remote.{key}", str(value)))
-        lines = [f"host: {self.host.label} (agent pid {remote.hello.get('pid', '?')}, "
+        lines = [f"host: {self.host.title} (agent pid {remote.hello.get('pid', '?')}, "
                  f"python {remote.hello.get('python', '?')}, hostname {remote.hello.get('hostname', '?')})",
                  f"case: {result.id} {result.outcome} in {result.duration:.3f} s"]
         lines += [f"fact {k}: {v}" for k, v in sorted(result.facts.items())]

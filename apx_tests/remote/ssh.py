@@ -46,7 +46,8 @@ class RemoteError(RuntimeError):
         self.host = host
         self.phase = phase
         self.reason = " ".join(str(message).split())
-        line = text or f"apx-host {host.label}: {phase}: {self.reason}"
+        prefix = getattr(host, "prefix", None) or f"apx-host {host.label}"
+        line = text or f"{prefix}: {phase}: {self.reason}"
         super().__init__(" ".join(line.split()))
 
 
@@ -102,13 +103,15 @@ def _quiet_paramiko() -> None:
 
 @dataclass
 class Timings:
+    acquire: float | None = None  # a labgrid place: from asking for it to holding it
     connect: float | None = None
     upload: float | None = None
     run: float | None = None      # from launching the agent to its "done" line
 
     def text(self) -> str:
         parts = [f"{name} {value:.2f} s" for name, value in
-                 (("connect", self.connect), ("upload", self.upload), ("run", self.run)) if value is not None]
+                 (("acquire", self.acquire), ("connect", self.connect), ("upload", self.upload),
+                  ("run", self.run)) if value is not None]
         return ", ".join(parts) or "not started"
 
 
@@ -147,7 +150,7 @@ class RemoteHost:
 
     @property
     def label(self) -> str:
-        return self.spec.label
+        return self.spec.title
 
     def error(self, phase: str, message: str, **kw) -> RemoteError:
         return RemoteError(self.spec, phase, message, **kw)
@@ -159,8 +162,13 @@ class RemoteHost:
         self._threads.append(thread)
         thread.start()
 
+    def prepare(self) -> None:
+        """Before connecting: nothing for a plain host (a labgrid place checks that it holds
+        the place, apx_tests.remote.labgrid)."""
+
     def _start(self) -> None:
         try:
+            self.prepare()
             self.connect()
             self.upload()
             if self._closed:
@@ -221,11 +229,11 @@ class RemoteHost:
         if isinstance(exc, _UnknownHostKey):
             where = f"no entry for {spec.known_hosts_name} in {path}" if os.path.isfile(path) else f"{path} does not exist"
             return self.error("connect", "", text=(
-                f"apx-host {self.label}: host key not in known_hosts (connect: {where}; the server offers "
+                f"{self.spec.prefix}: host key not in known_hosts (connect: {where}; the server offers "
                 f"{_fingerprint(exc.key)}; check it and add it, e.g. with ssh-keyscan, or pass --apx-host-insecure)"))
         if isinstance(exc, paramiko.BadHostKeyException):
             return self.error("connect", "", text=(
-                f"apx-host {self.label}: host key not in known_hosts (connect: {path} lists "
+                f"{self.spec.prefix}: host key not in known_hosts (connect: {path} lists "
                 f"{_fingerprint(exc.expected_key)} for {spec.known_hosts_name}, the server offers "
                 f"{_fingerprint(exc.key)}: the host key changed or someone is in between)"))
         if isinstance(exc, paramiko.ssh_exception.NoValidConnectionsError):
