@@ -28,6 +28,8 @@ _configs: list[pytest.Config] = []  # a stack: pytester runs sessions inside a s
 
 # --- remote hosts (--apx-host, fleets): their own plugin module, docs/remote.md ---------------
 pytest_plugins = ["apx_tests.remote.pytest_remote", "apx_tests.faults_pytest", "apx_tests.report_pytest",
+                  # --apx-place: labgrid places as remote hosts (docs/remote.md, "labgrid places")
+                  "apx_tests.remote.pytest_labgrid",
                   # --apx-kernel: the KVM cases inside a QEMU guest of a kernel under test (docs/kernel-under-test.md)
                   "apx_tests.kut.pytest_kut"]
 

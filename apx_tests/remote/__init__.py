@@ -8,7 +8,11 @@
 - ssh:           one remote host: connect (paramiko, known_hosts checked), upload, run,
                  collect, clean up.
 - pytest_remote: the pytest side (`--apx-host`, one item per remote case, fleets).
-- testing:       a throwaway OpenSSH server on 127.0.0.1, for tests.
+- labgrid:       labgrid places as hosts (`--apx-place`): the coordinator session (in a
+                 helper process), PlaceSpec, PlaceHost (acquire before, release after).
+- pytest_labgrid: the pytest side of `--apx-place` (places join pytest_remote's fleet).
+- testing:       a throwaway OpenSSH server, and a labgrid coordinator + exporter, on
+                 127.0.0.1, for tests.
 
 See docs/remote.md.
 """
