@@ -128,7 +128,8 @@ def labgrid_missing(client: bool = False) -> str | None:
 class _LabgridLog(logging.Filter):
     """labgrid's client logs through the root logger, some of it with tracebacks ("error in
     coordinator message pump task"). Our messages say it in one line: keep its last word
-    for them and keep it out of pytest's log capture and stderr."""
+    for them, and keep the rest off the helper's stderr (whose last line explains a helper
+    that died)."""
 
     def __init__(self):
         super().__init__()
@@ -159,12 +160,11 @@ class LabgridSession:
 
     labgrid's ClientSession is asyncio code: it lives on an event loop that runs forever in
     a thread of its own (so the coordinator's place and resource updates keep arriving
-    while pytest runs tests), and every call here submits a coroutine to that loop and
-    waits for it, never longer than `timeout` seconds.
+    between requests), and every call here submits a coroutine to that loop and waits for
+    it, never longer than `timeout` seconds; the helper serves each request in a thread.
     """
 
     def __init__(self, address: str, source: str, timeout: float = 15.0):
-        self.text = address
         self.source = source
         self.timeout = timeout
         self.host, self.port = parse_address(address)
@@ -317,9 +317,6 @@ class LabgridSession:
         return notes
 
     # --- looking places up -------------------------------------------------------------------
-    def place_names(self) -> list[str]:
-        return self._read(lambda session: sorted(session.places))
-
     def resolve(self, name: str) -> dict:
         """The SSH target of place `name`: its one NetworkService resource."""
         return self._read(lambda session: self._resolve(session, name))

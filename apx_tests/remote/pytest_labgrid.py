@@ -24,7 +24,6 @@ from __future__ import annotations
 import queue
 import signal
 import threading
-import time
 
 import pytest
 
