@@ -274,6 +274,7 @@ def processes_matching(*needles: str) -> list[tuple[int, str]]:
 # --- running the apx suite in a child pytest and reading its JUnit report -----------------------
 
 _REMOTE_NAME = re.compile(r"\[remote\[(?P<host>[^\]]+)\]-(?P<case>[^\[\]]+)\]$")
+_PLACE_NAME = re.compile(r"\[place\[(?P<place>[^/\]]+)/(?P<host>[^\]]+)\]-(?P<case>[^\[\]]+)\]$")
 _LOCAL_NAME = re.compile(r"\[(?P<case>[^\[\]]+)\]$")
 
 
@@ -283,14 +284,17 @@ class Outcome:
     host: str | None      # None for a local item
     outcome: str          # passed | failed | skipped | error
     message: str
+    place: str | None = None  # a labgrid place's item (`...[place[PLACE/HOST]-CASE]`)
 
 
 def junit_outcomes(path: str | Path) -> list[Outcome]:
-    """The scenario items of a JUnit file: remote (`...[remote[HOST]-CASE]`) and local."""
+    """The scenario items of a JUnit file: remote (`...[remote[HOST]-CASE]`), on a labgrid
+    place (`...[place[PLACE/HOST]-CASE]`) and local."""
     out = []
     for case in ET.parse(path).getroot().iter("testcase"):
         name = case.get("name", "")
-        match = _REMOTE_NAME.search(name)
+        placed = _PLACE_NAME.search(name)
+        match = placed or _REMOTE_NAME.search(name)
         host = match["host"] if match else None
         match = match or _LOCAL_NAME.search(name)
         if not match:
@@ -301,7 +305,7 @@ def junit_outcomes(path: str | Path) -> list[Outcome]:
             if child is not None:
                 outcome, message = word, child.get("message", "")
                 break
-        out.append(Outcome(match["case"], host, outcome, message))
+        out.append(Outcome(match["case"], host, outcome, message, placed["place"] if placed else None))
     return out
 
 
@@ -312,3 +316,198 @@ def run_apx_suite(repo: str | Path, junit: str | Path, *args: str, timeout: floa
             "--apx-backend", "kvm", f"--junitxml={junit}", *args]
     return subprocess.run(argv, cwd=str(repo), capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL, **popen)
+
+
+# --- a labgrid coordinator and exporter on 127.0.0.1 ---------------------------------------------
+
+LABGRID_TOOLS = ("labgrid-coordinator", "labgrid-exporter", "labgrid-client")
+
+
+def labgrid_tool(name: str) -> str | None:
+    """A labgrid console script: beside this Python (a venv), else on PATH."""
+    here = Path(sys.executable).parent / name
+    return str(here) if os.access(here, os.X_OK) else shutil.which(name)
+
+
+def labgrid_unavailable_reason() -> str | None:
+    from .labgrid import labgrid_missing
+    why = labgrid_missing()
+    if why:
+        return why
+    missing = [name for name in LABGRID_TOOLS if labgrid_tool(name) is None]
+    if missing:
+        return f"{', '.join(missing)} not found beside {sys.executable} or on PATH (pip install labgrid)"
+    return None
+
+
+class LabgridUnavailable(RuntimeError):
+    """The coordinator or exporter would not start; str() is one line."""
+
+
+class LocalLabgrid:
+    """A labgrid coordinator on 127.0.0.1:<free port> and one exporter ("apxlab") that
+    exports a NetworkService per place (group ``apxhost-<place>``), and the places, each
+    matching its group. The places are written to the coordinator's places.yaml before
+    it starts (what `labgrid-client create` + `add-match` would store), which saves a
+    client start (1-2 s of imports) per call.
+
+        with LocalLabgrid({"a": sshd_a.spec, "b": sshd_b.spec}) as lab:
+            lab.address                      # 127.0.0.1:<port>
+            lab.client("-p", "a", "acquire", user="alice")
+
+    Everything lives in one private temp directory; stop() ends both processes (by pid,
+    TERM then KILL) and removes it.
+    """
+
+    EXPORTER = "apxlab"
+
+    def __init__(self, places: dict[str, HostSpec], port: int | None = None):
+        reason = labgrid_unavailable_reason()
+        if reason:
+            raise LabgridUnavailable(reason)
+        self.places = dict(places)
+        self._fixed_port = port is not None
+        self.port = port or free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="apx-labgrid."))
+        self.coordinator: subprocess.Popen | None = None
+        self.exporter: subprocess.Popen | None = None
+        self.spawned: list[int] = []  # every pid started here, for "nothing left" checks after stop()
+        os.chmod(self.dir, 0o700)
+        self.exporter_yaml = self.dir / "exporter.yaml"
+        self.exporter_yaml.write_text("".join(
+            f"apxhost-{name}:\n  NetworkService:\n    address: {spec.host}\n    port: {spec.port}\n"
+            f"    username: {spec.user}\n" for name, spec in self.places.items()))
+        (self.dir / "places.yaml").write_text("".join(
+            f"{name}:\n  matches:\n  - exporter: {self.EXPORTER}\n    group: apxhost-{name}\n    cls: '*'\n"
+            for name in self.places))
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def group_pattern(self, name: str) -> str:
+        return f"{self.EXPORTER}/apxhost-{name}/*"
+
+    # --- lifetime -------------------------------------------------------------------------------
+    def start(self, timeout: float = 30.0) -> "LocalLabgrid":
+        try:
+            for attempt in range(3):
+                try:
+                    self._start_coordinator(timeout)
+                    break
+                except LabgridUnavailable as exc:
+                    # free_port() is only free until someone else binds it: try another one
+                    if self._fixed_port or "bind" not in str(exc).lower() or attempt == 2:
+                        raise
+                    self.port = free_port()
+            self._start_exporter(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _spawn(self, argv: list[str], log: str) -> subprocess.Popen:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LG_")}
+        env["PYTHONUNBUFFERED"] = "1"
+        with open(self.dir / log, "ab") as out:
+            proc = subprocess.Popen(argv, cwd=self.dir, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                    env=env, start_new_session=True)
+        self.spawned.append(proc.pid)
+        return proc
+
+    def log_text(self, log: str) -> str:
+        try:
+            return (self.dir / log).read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def _tail(self, log: str) -> str:
+        return " | ".join(self.log_text(log).strip().splitlines()[-3:])
+
+    def _start_coordinator(self, timeout: float) -> None:
+        (self.dir / "coordinator.log").write_bytes(b"")
+        self.coordinator = self._spawn([labgrid_tool("labgrid-coordinator"), "-l", self.address], "coordinator.log")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.coordinator.poll() is not None:
+                status, self.coordinator = self.coordinator.returncode, None
+                raise LabgridUnavailable(f"labgrid-coordinator exited with status {status}: "
+                                         f"{self._tail('coordinator.log')}")
+            if f"listening on 127.0.0.1:{self.port}" in self.log_text("coordinator.log"):
+                return
+            time.sleep(0.05)
+        raise LabgridUnavailable(f"labgrid-coordinator on {self.address} not ready after {timeout:g} s: "
+                                 f"{self._tail('coordinator.log')}")
+
+    def _start_exporter(self, timeout: float) -> None:
+        self.exporter = self._spawn([labgrid_tool("labgrid-exporter"), "-c", self.address, "-n", self.EXPORTER,
+                                     "--hostname", "127.0.0.1", str(self.exporter_yaml)], "exporter.log")
+        from .labgrid import Coordinator, LabError
+        deadline = time.monotonic() + timeout
+        lab = Coordinator(self.address, "test", timeout=10).open()
+        try:
+            while time.monotonic() < deadline:
+                if self.exporter.poll() is not None:
+                    status, self.exporter = self.exporter.returncode, None
+                    raise LabgridUnavailable(f"labgrid-exporter exited with status {status}: "
+                                             f"{self._tail('exporter.log')}")
+                try:
+                    if all(lab.resolve(name) for name in self.places):
+                        return
+                except LabError:
+                    time.sleep(0.1)
+            raise LabgridUnavailable(f"labgrid-exporter's resources not on the coordinator after {timeout:g} s: "
+                                     f"{self._tail('exporter.log')}")
+        finally:
+            lab.close()
+
+    def client(self, *args: str, user: str | None = None, host: str | None = None,
+               timeout: float = 60) -> subprocess.CompletedProcess:
+        """`labgrid-client -x ADDRESS ARGS`, as LG_USERNAME=user / LG_HOSTNAME=host if given
+        (another client, as the coordinator sees it)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LG_")}
+        if user:
+            env["LG_USERNAME"] = user
+        if host:
+            env["LG_HOSTNAME"] = host
+        return subprocess.run([labgrid_tool("labgrid-client"), "-x", self.address, *args], capture_output=True,
+                              text=True, timeout=timeout, stdin=subprocess.DEVNULL, env=env)
+
+    def processes(self) -> list[subprocess.Popen]:
+        return [p for p in (self.exporter, self.coordinator) if p is not None]
+
+    def pids(self) -> list[int]:
+        """Coordinator, exporter and anything they started, while alive."""
+        out = []
+        for proc in self.processes():
+            if alive(proc.pid):
+                out += [proc.pid, *descendants(proc.pid)]
+        return out
+
+    def stop(self) -> None:
+        for proc in self.processes():  # the exporter first: it would only reconnect
+            victims = [proc.pid, *descendants(proc.pid)] if alive(proc.pid) else []
+            for pid in reversed(victims):
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            try:
+                proc.wait(timeout=10)  # the coordinator gives its clients up to 5 s to finish
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+            for pid in victims:
+                if alive(pid):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+        self.exporter = self.coordinator = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> "LocalLabgrid":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
