@@ -151,9 +151,10 @@ class Qemu:
             sock.listen(1)
             listeners.append(sock)
         qmp_fd, gdb_fd = (s.fileno() for s in listeners)
-        # -cpu host: this machine's KVM refuses QEMU's IA32_ARCH_CAPABILITIES write
-        # ("failed to set MSR 0x10a"), so that one feature is left out.
-        cpu = "max" if accel == "tcg" else "host,-arch-capabilities"
+        # -cpu host, without IA32_ARCH_CAPABILITIES where this QEMU's -cpu host aborts on
+        # this machine's KVM ("failed to set MSR 0x10a"): decided by one start (kvm_cpu_model).
+        from apx_tests.qemu.machine import kvm_cpu_model
+        cpu = "max" if accel == "tcg" else kvm_cpu_model(QEMU).cpu
         argv = [QEMU, "-machine", "microvm", "-nodefaults", "-display", "none", "-accel", accel, "-cpu", cpu,
                 "-m", "16", "-S", "-bios", QBOOT,
                 "-chardev", f"socket,id=qmp,fd={qmp_fd},server=on,wait=off", "-mon", "chardev=qmp,mode=control",

@@ -12,7 +12,7 @@
 
 What each QEMU gets (docs/qemu.md):
   -machine microvm -bios qboot.rom -nodefaults -no-user-config -display none -no-reboot -S
-  -accel kvm -cpu host,-arch-capabilities | -accel tcg -cpu max
+  -accel kvm -cpu host (host,-arch-capabilities where -cpu host aborts: kvm_cpu_model) | -accel tcg -cpu max
   guest RAM: a memory-backend-file (share=on) in the machine's private directory, which
     this process also maps: mailbox reads and writes cost no QEMU round trip at all
   isa-debugcon (0xE9) on a chardev socket this process listens on; isa-debug-exit (0xF4)
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import functools
 import json
 import mmap
 import os
@@ -57,8 +58,13 @@ DEFAULT_MEMORY_MIB = 16
 DEFAULT_TIMEOUT = 10.0
 TEMP_PREFIX = "apx-qemu-"  # + pid + "-": a process finds (and a test counts) only its own directories
 MICROVM_MACHINE = "microvm,pit=off,pic=off,rtc=off,isa-serial=off,acpi=off"  # the payload guests' machine
-KVM_CPU = "host,-arch-capabilities"  # see docs/qemu.md: QEMU 10 -cpu host asserts on MSR 0x10a here
+KVM_CPU_HOST = "host"
+# Where a start under -cpu host aborts on "failed to set MSR 0x10a" (kvm_cpu_model decides,
+# per binary): QEMU 10 on a nested paravirtual KVM; docs/qemu.md.
+KVM_CPU_NO_ARCH_CAPABILITIES = "host,-arch-capabilities"
+MSR_ARCH_CAPABILITIES_ABORT = "failed to set MSR 0x10a"
 TCG_CPU = "max"
+SHORT_RUN_TIMEOUT = 30.0  # seconds for one short QEMU run (--version, a start to check a -cpu)
 
 
 class QemuError(BackendError):
@@ -75,9 +81,10 @@ class QemuUnavailable(QemuError, OSError):
 # --- finding things -------------------------------------------------------------------
 
 def find_qemu(explicit: str | None = None) -> str:
-    """The qemu-system-x86_64 to use: `explicit`, $APX_QEMU, or PATH.  QemuUnavailable
+    """The qemu-system-x86_64 to use: `explicit`, the first of $APX_QEMU, or PATH.  QemuUnavailable
     (one line) when there is none or it is not executable."""
-    candidate = explicit or os.environ.get("APX_QEMU") or QEMU_BINARY
+    # $APX_QEMU may list several QEMUs (os.pathsep-separated): the first is the primary one.
+    candidate = explicit or (os.environ.get("APX_QEMU") or "").split(os.pathsep)[0] or QEMU_BINARY
     path = candidate if os.sep in candidate else shutil.which(candidate)
     if path is None:
         raise QemuUnavailable(f"{candidate}: not found in PATH (install qemu-system-x86, or pass --apx-qemu)")
@@ -87,13 +94,18 @@ def find_qemu(explicit: str | None = None) -> str:
 
 
 def find_qboot(qemu: str) -> str:
-    """qboot.rom: next to the binary's share/qemu, or the Debian locations."""
-    prefix = Path(qemu).resolve().parent.parent
-    for candidate in (prefix / "share" / "qemu" / "qboot.rom", *map(Path, QBOOT_CANDIDATES)):
+    """qboot.rom of this QEMU: PREFIX/share/qemu (an installed tree, or ci/bootstrap's side
+    QEMU, whose share/ is its root filesystem's), the build tree's pc-bios/ (a self-built
+    QEMU run from its build directory), else the Debian locations."""
+    binary = Path(qemu).resolve()
+    prefix = binary.parent.parent
+    candidates = (prefix / "share" / "qemu" / "qboot.rom", binary.parent / "pc-bios" / "qboot.rom",
+                  *map(Path, QBOOT_CANDIDATES))
+    for candidate in candidates:
         if candidate.is_file():
             return str(candidate)
-    raise QemuUnavailable(f"qboot.rom not found (looked in {prefix / 'share/qemu'} and "
-                          f"{', '.join(QBOOT_CANDIDATES)}); the microvm machine needs it")
+    raise QemuUnavailable(f"qboot.rom not found (looked in {prefix / 'share/qemu'}, {binary.parent / 'pc-bios'} "
+                          f"and {', '.join(QBOOT_CANDIDATES)}); the microvm machine needs it")
 
 
 def kvm_usable(path: str = "/dev/kvm") -> str | None:
@@ -104,6 +116,80 @@ def kvm_usable(path: str = "/dev/kvm") -> str | None:
         return f"{path}: {exc.strerror}"
     os.close(fd)
     return None
+
+
+# --- short runs: facts of a binary, measured once -----------------------------------------
+
+def stat_key(path: str) -> tuple[str, int, int]:
+    """(path, mtime, size): what a per-binary memo is keyed by (a rebuilt QEMU is new)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return path, 0, 0
+    return path, st.st_mtime_ns, st.st_size
+
+
+def run_short(argv: list[str], stdin: str | None = None,
+              timeout: float = SHORT_RUN_TIMEOUT) -> subprocess.CompletedProcess:
+    """Run a QEMU that ends by itself (or on QMP `quit` from stdin); subprocess.run kills
+    and reaps it on a timeout, so nothing is left."""
+    return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=timeout,
+                          stdin=None if stdin is not None else subprocess.DEVNULL,
+                          env={**os.environ, "LC_ALL": "C"}, preexec_fn=_die_with_parent)
+
+
+def probe_argv(qemu: str, accel: str, cpu: str) -> list[str]:
+    """A QEMU that builds the machine and its vCPU, then waits (-S) for QMP on stdin:
+    nothing runs in the guest, no socket or file is made."""
+    return [qemu, "-machine", MICROVM_MACHINE, "-bios", find_qboot(qemu), "-nodefaults", "-no-user-config",
+            "-display", "none", "-S", "-m", "16M", "-accel", accel, "-cpu", cpu, "-qmp", "stdio"]
+
+
+QMP_QUIT = '{"execute": "qmp_capabilities"}\n{"execute": "quit"}\n'
+
+
+@dataclass(frozen=True)
+class KvmCpu:
+    cpu: str   # the -cpu model for KVM guests of one QEMU binary
+    why: str   # what the start under -cpu host showed (one line)
+
+
+def _line(text: str, limit: int = 160) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+@functools.lru_cache(maxsize=16)
+def _kvm_cpu(path: str, _mtime: int, _size: int) -> KvmCpu:
+    why = kvm_usable()
+    if why is not None:
+        return KvmCpu(KVM_CPU_HOST, f"not measured: {why}")
+    try:
+        proc = run_short(probe_argv(path, "kvm", KVM_CPU_HOST), stdin=QMP_QUIT)
+    except subprocess.TimeoutExpired:
+        return KvmCpu(KVM_CPU_HOST, f"-cpu host: no answer within {SHORT_RUN_TIMEOUT:g} s (kept)")
+    except (OSError, QemuUnavailable) as exc:
+        return KvmCpu(KVM_CPU_HOST, f"-cpu host: not measured: {getattr(exc, 'strerror', None) or exc}")
+    lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
+    abort = next((ln for ln in lines if MSR_ARCH_CAPABILITIES_ABORT in ln), None)
+    if abort is not None:
+        # This host's KVM refuses QEMU's write of IA32_ARCH_CAPABILITIES (QEMU 10 on the
+        # nested paravirtual KVM here): an assertion aborts QEMU at its first vCPU reset,
+        # before any QMP command.  The MSR has nothing to do with register state, so the
+        # guests of this binary go without it.
+        return KvmCpu(KVM_CPU_NO_ARCH_CAPABILITIES, f"-cpu host aborts ({_line(abort)})")
+    if proc.returncode == 0:
+        return KvmCpu(KVM_CPU_HOST, "-cpu host starts")
+    # Another failure: keep -cpu host, so the cases show QEMU's own error.
+    return KvmCpu(KVM_CPU_HOST, f"-cpu host: exit {proc.returncode}"
+                                + (f": {_line(lines[-1])}" if lines else "") + " (kept)")
+
+
+def kvm_cpu_model(qemu: str) -> KvmCpu:
+    """The -cpu of KVM guests of `qemu`: `host`, or `host,-arch-capabilities` where a start
+    under -cpu host aborts with "failed to set MSR 0x10a"; measured once per binary
+    (path, size, mtime) and process, by one QEMU start (~0.1 s) that leaves nothing."""
+    return _kvm_cpu(*stat_key(find_qemu(qemu)))
 
 
 def temp_prefix() -> str:
@@ -188,7 +274,9 @@ class MachineSpec:
             why = kvm_usable()
             if why:
                 raise QemuUnavailable(f"-accel kvm: {why}")
-        return cls(path, accel, cpu or (KVM_CPU if accel == "kvm" else TCG_CPU), os.fspath(kernel),
+        if cpu is None:
+            cpu = kvm_cpu_model(path).cpu if accel == "kvm" else TCG_CPU
+        return cls(path, accel, cpu, os.fspath(kernel),
                    find_qboot(path), memory_mib, tuple(extra), timeout, machine, console)
 
     @property
