@@ -47,8 +47,9 @@ from ..guests import boot, protocol
 from ..profiles import DEFAULT_PROFILE, PROFILES, CpuProfile
 from ..xsave import Bank, Layout, XsaveImage, narrower_names
 from ..xsave.layout import component_name
-from .machine import (Machine, MachineSpec, QemuError, QemuUnavailable, _private_tmp_root,
-                      describe_exit, find_qemu, kvm_usable, temp_prefix)
+from .binaries import ApxFacts, apx_probes, apx_reason, sibling_gdb
+from .machine import (TCG_CPU, Machine, MachineSpec, QemuError, QemuUnavailable, _private_tmp_root,
+                      describe_exit, find_qemu, kvm_cpu_model, kvm_usable, temp_prefix)
 
 TCG_NO_APX = "QEMU TCG does not emulate APX"
 GPR_VIEW_NAMES = tuple(f"r{n}" for n in ("ax", "bx", "cx", "dx", "si", "di", "sp", "bp")) + tuple(
@@ -108,18 +109,28 @@ class PhaseClock:
 class QemuHost:
     """One QEMU binary with one accelerator: found once, probed lazily, shared by sessions.
 
+    `tag` is what the binary's case ids carry when several QEMUs run side by side ("11":
+    `qemu11-kvm-...`; "" for the only one); `kvm_host` stands in for /dev/kvm's facts (a
+    RecordedKvmHost) when the APX reason is asked about another host.
+
     `close()` removes the snapshot directory and kills any machine still open."""
 
     def __init__(self, accel: str, qemu: str | None = None, *, cpu: str | None = None,
-                 timeout: float = 10.0, profile: CpuProfile = PROFILES[DEFAULT_PROFILE]):
+                 timeout: float = 10.0, profile: CpuProfile = PROFILES[DEFAULT_PROFILE],
+                 tag: str = "", kvm_host=None):
         if accel not in FEATURES:
             raise ValueError(f"accel must be 'kvm' or 'tcg', not {accel!r}")
         self.accel = accel
+        self.tag = tag
+        self.label = f"qemu{tag}-{accel}"
         self.qemu = find_qemu(qemu)  # QemuUnavailable (an OSError) when missing
         if accel == "kvm":
             why = kvm_usable()
             if why:
-                raise QemuUnavailable(f"qemu-kvm: -accel kvm needs /dev/kvm: {why}")
+                raise QemuUnavailable(f"{self.label}: -accel kvm needs /dev/kvm: {why}")
+        if kvm_host is not None:
+            self.__dict__["kvm_host"] = kvm_host
+        self.gdb = sibling_gdb(self.qemu)
         self.cpu = cpu
         self.profile = profile
         self.timeout = timeout
@@ -163,6 +174,37 @@ class QemuHost:
         return "apxf" in self.cpu_flags
 
     @cached_property
+    def base_cpu(self) -> str:
+        """The accelerator's CPU model before any profile: `max` under TCG; under KVM
+        `host`, or `host,-arch-capabilities` where this binary's -cpu host aborts here
+        (kvm_cpu_model: measured once per binary)."""
+        return kvm_cpu_model(self.qemu).cpu if self.accel == "kvm" else TCG_CPU
+
+    @cached_property
+    def apx_facts(self) -> ApxFacts:
+        """What decides whether this QEMU gives its guest APX here: its version and apxf,
+        KVM's facts, and (QEMU >= 11) what it did with -cpu MODEL,+apxf (one or two short
+        starts, remembered per binary)."""
+        kvm = self.kvm_host if self.accel == "kvm" else None
+        probes = apx_probes(self.qemu, self.accel, self.base_cpu) if self.apxf and self._probe_apxf(kvm) else ()
+        host_cpu = host_apx = None
+        if kvm is not None and self._probe_apxf(kvm):  # this machine's KVM: name its CPU
+            host_cpu, host_apx = _host_cpu_apx()
+        return ApxFacts(self.version_text, self.apxf, self.accel, kvm, probes,
+                        host_cpu=host_cpu, host_cpu_apx=host_apx)
+
+    def _probe_apxf(self, kvm) -> bool:
+        # A recorded host (another machine's KVM) is not this one: QEMU's answer here says
+        # nothing about it.
+        from ..kvm.backend import RecordedKvmHost
+        return not isinstance(kvm, RecordedKvmHost)
+
+    def apx_unavailable(self) -> str | None:
+        """Why this QEMU cannot give its guest APX under this accelerator here (the
+        missing piece by name: host KVM, QEMU version, TCG, MPX conflict), or None."""
+        return apx_reason(self.apx_facts)
+
+    @cached_property
     def kvm_host(self):
         from ..kvm.backend import KvmHost
         return KvmHost()
@@ -195,7 +237,7 @@ class QemuHost:
         stub = image.stub
         mailbox = boot.mailbox_bytes(protocol.bank_bytes("xmm"))
         with Machine(self.spec(str(image.path)), preload={boot.DEFAULT_MAILBOX_GPA: mailbox},
-                     label=f"qemu-{self.accel} probe") as m:
+                     label=f"{self.label} probe") as m:
             try:
                 m.expect(b"0")
             except QemuError as exc:
@@ -209,10 +251,9 @@ class QemuHost:
     @cached_property
     def spec_cpu(self) -> str:
         """`--apx-qemu-cpu`-style override, else the accelerator's model limited by the profile."""
-        from .machine import KVM_CPU, TCG_CPU
         if self.cpu:
             return self.cpu
-        base = KVM_CPU if self.accel == "kvm" else TCG_CPU
+        base = self.base_cpu
         return profiles.qemu_cpu(base, self.profile, self.cpu_flags) if self.profile.restricts else base
 
     @property
@@ -233,7 +274,7 @@ class QemuHost:
             guest = self.guest
         except QemuError:
             return None  # the boot problem is every case's failure, not a reason to skip
-        where = f"QEMU {self.accel} -cpu {self.cpu_text}"
+        where = f"QEMU {self.version_text} {self.accel} -cpu {self.cpu_text}"
         extra = self.profile.excluded(guest.xcr0)
         if extra:
             return (f"{self.profile.describe()} not applied: under {where} the guest still enables XCR0 "
@@ -259,6 +300,17 @@ class QemuHost:
             self._snapdir = None
 
 
+def _host_cpu_apx() -> tuple[str | None, bool | None]:
+    """This machine's CPU name and its own APX_F bit (None when CPUID cannot be read)."""
+    from .. import hostcpu
+    name = hostcpu.cpuinfo_first().get("model name")
+    try:
+        leaf7 = hostcpu.cpuid(0, 0)[0] >= 7 and hostcpu.cpuid(7, 0)[0] >= 1
+        return name, bool(leaf7 and hostcpu.cpuid(7, 1)[3] >> 21 & 1)
+    except (hostcpu.HostCpuError, OSError, ValueError):
+        return name, None
+
+
 def _boot_failure_hint(machine: Machine) -> str:
     code = machine.exit_code
     if code is not None and code > 0 and code & 1:
@@ -271,14 +323,15 @@ def _boot_failure_hint(machine: Machine) -> str:
 
 
 class QemuBackend(Backend):
-    """Backend "qemu-kvm" or "qemu-tcg"."""
+    """Backend "qemu-kvm" or "qemu-tcg" ("qemu11-kvm" ... with a version tag, when several
+    QEMUs run side by side)."""
 
     def __init__(self, accel: str = "tcg", qemu: str | None = None, *, host: QemuHost | None = None,
                  timeout: float = 10.0, cpu: str | None = None,
-                 profile: CpuProfile = PROFILES[DEFAULT_PROFILE]):
-        self.host = host or QemuHost(accel, qemu, cpu=cpu, timeout=timeout, profile=profile)
+                 profile: CpuProfile = PROFILES[DEFAULT_PROFILE], tag: str = ""):
+        self.host = host or QemuHost(accel, qemu, cpu=cpu, timeout=timeout, profile=profile, tag=tag)
         self.accel = self.host.accel
-        self.name = f"qemu-{self.accel}"
+        self.name = self.host.label
         self.features = FEATURES[self.accel]
 
     @property
@@ -298,26 +351,17 @@ class QemuBackend(Backend):
     def _host_reason(self, bank: Bank) -> str | None:
         """What this QEMU and host lack for `bank`, apart from what the profile took away."""
         if bank.name == "apx":
-            if self.accel == "tcg":
-                return TCG_NO_APX
-            reasons = []
-            if not self.host.apxf:
-                reasons.append(f"QEMU {self.host.version_text} does not know APX (`-cpu help` lists no apxf; "
-                               f"QEMU >= 11 needed)")
-            kvm = self.host.kvm_host
-            if not kvm.apx_cpu:
-                reasons.append("KVM_GET_SUPPORTED_CPUID lacks APX_F (CPUID.(EAX=7,ECX=1):EDX[21]=0)")
-            if not kvm.supported_xcr0 >> 19 & 1:
-                reasons.append(f"KVM supported XCR0 {kvm.supported_xcr0:#x} lacks bit 19 (APX)")
-            if reasons:
-                return "; ".join(reasons)
+            why = self.host.apx_unavailable()
+            if why:
+                return why
         try:
             guest = self.host.guest
         except QemuError:
             return None  # the boot problem is the test's failure, not a reason to skip
         missing = bank.xcr0_mask & ~guest.xcr0 & self.host.profile.xcr0
         if missing:
-            return (f"QEMU {self.accel} -cpu {self.host.cpu_text}: the guest's XCR0 {guest.xcr0:#x} (all that "
+            return (f"QEMU {self.host.version_text} {self.accel} -cpu {self.host.cpu_text}: the guest's XCR0 "
+                    f"{guest.xcr0:#x} (all that "
                     f"CPUID.(EAX=0xD,ECX=0) offers) lacks {missing:#x} ({_names(missing)})")
         return None
 
@@ -531,7 +575,7 @@ class QemuSession(Session):
         hang the next stage)."""
         from .gdb import GdbError, GdbSession
         with self.clock.timed("gdb"):
-            gdb = GdbSession(self.machine.gdb_socket, timeout=self.host.timeout,
+            gdb = GdbSession(self.machine.gdb_socket, gdb=self.host.gdb, timeout=self.host.timeout,
                              transcript_path=self._gdb_transcript_path())
             try:
                 gdb.connect()
