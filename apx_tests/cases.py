@@ -1,5 +1,5 @@
-"""Scenario cases by id (`kvm-ymm-import`, `qemu-tcg-x87-fresh_vm`): which exist, and
-running one without pytest.
+"""Scenario cases by id (`kvm-ymm-import`, `qemu-tcg-x87-fresh_vm`; `qemu11-kvm-ymm-export`
+when several QEMUs run side by side): which exist, and running one without pytest.
 
 The one place that knows the backends (their factories and Session features), which
 scenarios apply to which bank and backend, and how a case's outcome is decided.  The
@@ -30,6 +30,7 @@ from .kvm.backend import KvmSession
 from .probe import BANK_ORDER
 from .profiles import DEFAULT_PROFILE
 from .qemu.backend import FEATURES as QEMU_FEATURES
+from .qemu.binaries import backend_label, parse_backend
 from .scenarios import SCENARIOS, Run, ScenarioFailure, ScenarioNotApplicable
 from .xsave import BANKS
 
@@ -59,15 +60,16 @@ def expand_backends(choices) -> tuple[str, ...]:
 
 
 def open_backend(name: str, *, qemu: str | None = None, artifacts: str | None = None,
-                 profile: str = DEFAULT_PROFILE) -> Backend:
-    """Open backend `name` with CPU profile `profile` (apx_tests.profiles); OSError
-    (KvmUnavailable, QemuUnavailable) when it cannot be."""
+                 profile: str = DEFAULT_PROFILE, tag: str = "") -> Backend:
+    """Open backend `name` (kvm, qemu-kvm, qemu-tcg) with CPU profile `profile`
+    (apx_tests.profiles), a QEMU backend on binary `qemu` whose case ids carry `tag`;
+    OSError (KvmUnavailable, QemuUnavailable) when it cannot be."""
     cpu = profiles.profile(profile)
     if name == "kvm":
         from .kvm.backend import KvmBackend, KvmHost
         return KvmBackend(KvmHost(profile=cpu))
     from .qemu.backend import QemuBackend
-    backend = QemuBackend(name.split("-", 1)[1], qemu=qemu, profile=cpu)
+    backend = QemuBackend(name.split("-", 1)[1], qemu=qemu, profile=cpu, tag=tag)
     if artifacts:
         backend.host.artifacts = os.path.join(artifacts, backend.name)
     return backend
@@ -85,13 +87,19 @@ class CaseIdError(ValueError):
 
 @dataclass(frozen=True)
 class CaseId:
-    backend: str
+    backend: str       # kvm, qemu-kvm, qemu-tcg: what features, faults and --apx-backend go by
     bank: str
     scenario: str
+    qemu: str = ""     # the QEMU's tag when several run side by side ("11": qemu11-kvm-...)
+
+    @property
+    def label(self) -> str:
+        """The backend as the id spells it: `qemu11-kvm` for a tagged QEMU case."""
+        return backend_label(self.backend, self.qemu)
 
     @property
     def id(self) -> str:
-        return f"{self.backend}-{self.bank}-{self.scenario}"
+        return f"{self.label}-{self.bank}-{self.scenario}"
 
     @classmethod
     def parse(cls, text: str) -> "CaseId":
@@ -99,8 +107,13 @@ class CaseId:
         if len(parts) != 3:
             raise CaseIdError(f"{text!r} is not a case id (BACKEND-BANK-SCENARIO, e.g. kvm-ymm-import)")
         backend, bank, scenario = parts
+        tag = ""
+        qemu = parse_backend(backend)
+        if qemu is not None:
+            tag, backend = qemu
         if backend not in BACKENDS:
-            raise CaseIdError(f"{text}: unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
+            raise CaseIdError(f"{text}: unknown backend {backend!r} (known: {', '.join(BACKENDS)}; "
+                              f"QEMU ones may carry a version, e.g. qemu11-kvm)")
         if bank not in BANK_ORDER:
             raise CaseIdError(f"{text}: unknown bank {bank!r} (known: {', '.join(BANK_ORDER)})")
         if scenario not in SCENARIOS:
@@ -108,12 +121,15 @@ class CaseId:
         # Whether the scenario applies to this bank and backend was decided where the case
         # was chosen (cases() below): a runner runs what it is asked, so a remote end never
         # second-guesses the local tree's catalogue.
-        return cls(backend, bank, scenario)
+        return cls(backend, bank, scenario, tag)
 
 
-def cases(backends=BACKENDS) -> list[CaseId]:
-    """Every case of `backends`: banks, then scenarios, where the scenario applies."""
-    return [CaseId(backend, bank, name) for backend in backends if backend in BACKEND_FEATURES
+def cases(backends=BACKENDS, qemus=("",)) -> list[CaseId]:
+    """Every case of `backends`: banks, then scenarios, where the scenario applies.  A QEMU
+    backend has its cases once per tag in `qemus` (one per QEMU of the run: "" when only
+    one runs, else "10", "11", ...), the QEMUs in their order."""
+    return [CaseId(backend, bank, name, tag) for backend in backends if backend in BACKEND_FEATURES
+            for tag in (qemus if backend.startswith("qemu-") else ("",))
             for bank in BANK_ORDER
             for name, scenario in SCENARIOS.items()
             if scenario.requires <= BACKEND_FEATURES[backend] and scenario.applies_to(bank)]
@@ -147,41 +163,78 @@ class CaseResult:
 
 
 class CaseRunner:
-    """Opens each backend once (lazily), runs cases one by one, closes everything."""
+    """Opens each backend once (lazily), runs cases one by one, closes everything.
 
-    def __init__(self, payload: Callable[[str], bytes] | None = None, *, qemu: str | None = None,
+    `qemu`: the QEMUs of the run -- None for the default ones (apx_tests.qemu.binaries:
+    PATH's QEMU and ci/bootstrap's side QEMUs), a path, or a list of paths / QemuBinary.
+    A case id's QEMU tag picks one (`qemu11-kvm-...`); an untagged `qemu-kvm-...` runs on
+    the first."""
+
+    def __init__(self, payload: Callable[[str], bytes] | None = None, *, qemu=None,
                  artifacts: str | None = None, session_wrapper: Callable | None = None,
                  profile: str = DEFAULT_PROFILE):
         self.payload = payload or (lambda bank: build_payload(bank).code)
         self.session_wrapper = session_wrapper  # fault injection (apx_tests.faults), passed to Run
         # Reporting (apx_tests.report_pytest): called with each Run before its scenario starts.
         self.prepare_run: Callable[[CaseId, Run], None] | None = None
-        self.options = {"qemu": qemu, "artifacts": artifacts, "profile": profile}
+        self.options = {"artifacts": artifacts, "profile": profile}
+        self._qemu_spec = qemu
+        self._qemus = None
         self._backends: dict[str, object] = {}
         self._errors: dict[str, str] = {}
 
-    def backend(self, name: str):
-        """(backend, None) or (None, reason)."""
-        if name not in self._backends and name not in self._errors:
+    @property
+    def qemus(self):
+        """The run's QEMUs (QemuBinary, with tags), resolved when first needed."""
+        if self._qemus is None:
+            from .qemu.binaries import resolve_qemus
+            self._qemus = resolve_qemus(self._qemu_spec)
+        return self._qemus
+
+    def backend(self, name: str, tag: str = ""):
+        """(backend, None) or (None, reason): backend `name` (kvm, qemu-kvm, qemu-tcg) on
+        the QEMU of `tag`."""
+        label = backend_label(name, tag)
+        if label not in self._backends and label not in self._errors:
             try:
-                self._backends[name] = open_backend(name, **self.options)
+                options = dict(self.options)
+                if name.startswith("qemu-"):
+                    binary = self._qemu_for(tag)
+                    options.update(qemu=binary.path, tag=binary.tag)
+                self._backends[label] = open_backend(name, **options)
             except OSError as exc:
-                self._errors[name] = f"{name} backend unavailable: {exc.strerror or exc}"
-        return self._backends.get(name), self._errors.get(name)
+                self._errors[label] = f"{label} backend unavailable: {exc.strerror or exc}"
+            except ValueError as exc:  # QemuListError: the QEMUs cannot be told apart
+                self._errors[label] = f"{label} backend unavailable: {exc}"
+        return self._backends.get(label), self._errors.get(label)
+
+    def _qemu_for(self, tag: str):
+        from .qemu.binaries import pick
+        from .qemu.machine import QemuUnavailable
+        binary = pick(self.qemus, tag)
+        if binary is None:
+            have = ", ".join(f"{b.version or '?'} ({b.path})" for b in self.qemus)
+            raise QemuUnavailable(f"no QEMU {tag} among this run's QEMUs ({have}); add it with --apx-qemu PATH")
+        if binary.error and not binary.version:
+            raise QemuUnavailable(binary.error)
+        return binary
 
     def facts(self, case: CaseId, unavailable: str | None) -> dict:
-        backend, _ = self.backend(case.backend)
+        backend, _ = self.backend(case.backend, case.qemu)
         host = getattr(backend, "host", None)
-        facts = {"backend": case.backend, "bank": case.bank, "unavailable": unavailable,
+        facts = {"backend": case.label, "bank": case.bank, "unavailable": unavailable,
                  "cpu_profile": self.options["profile"]}
         if case.backend == "kvm" and host is not None:
             facts["kvm_supported_xcr0"] = f"{host.supported_xcr0:#x}"
             facts["kvm_xsave2_size"] = host.xsave2_size
             facts["kvm_apx_cpuid"] = host.apx_cpu
+        elif host is not None and hasattr(host, "version_text"):
+            facts["qemu"] = host.qemu
+            facts["qemu_version"] = host.version_text
         return facts
 
     def unavailable(self, case: CaseId) -> str | None:
-        backend, error = self.backend(case.backend)
+        backend, error = self.backend(case.backend, case.qemu)
         return error or backend.unavailable_reason(BANKS[case.bank])
 
     def run(self, case_id: str) -> CaseResult:
@@ -199,7 +252,7 @@ class CaseRunner:
             unavailable = self.unavailable(case)
             facts = self.facts(case, unavailable)
             if unavailable:
-                backend, _ = self.backend(case.backend)
+                backend, _ = self.backend(case.backend, case.qemu)
                 # Lab mode fails an APX case that cannot run, and any case whose CPU
                 # profile this host cannot provide (the lab asked for that kind of host).
                 asked_for = backend is not None and backend.profile_unavailable() is not None
@@ -209,7 +262,7 @@ class CaseRunner:
                 payload = self.payload(case.bank)
             except GuestBuildError as exc:
                 return CaseResult(case_id, "fail", [f"{case_id}: {exc}"], facts=facts)
-            backend, _ = self.backend(case.backend)
+            backend, _ = self.backend(case.backend, case.qemu)
             try:
                 with Run(backend, BANKS[case.bank], payload, session_wrapper=self.session_wrapper) as run:
                     if self.prepare_run is not None:

@@ -44,8 +44,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "(default: all, or the apx_backend ini value)")
     group.addoption("--apx-require", action="store_true", default=None, dest="apx_require",
                     help="lab mode: a scenario that cannot run here fails instead of skipping")
-    group.addoption("--apx-qemu", metavar="PATH", default=None, dest="apx_qemu",
-                    help="qemu-system-x86_64 binary (default: apx_qemu ini, $APX_QEMU, or PATH)")
+    group.addoption("--apx-qemu", metavar="PATH", action="append", default=None, dest="apx_qemu",
+                    help="qemu-system-x86_64 binary; repeat to run the QEMU cases on several side by side "
+                         "(ids then carry the version: qemu11-kvm-ymm-export); the first also runs the Linux "
+                         "guests (default: the apx_qemu ini list, $APX_QEMU (':'-separated), else PATH's QEMU "
+                         "plus ci/bootstrap's side QEMUs, e.g. QEMU 11 on Debian 12)")
     group.addoption("--apx-cpu", choices=tuple(PROFILES), default=None, dest="apx_cpu",
                     metavar="{" + ",".join(PROFILES) + "}",
                     help="CPU profile: run as this kind of host by restricting the guest CPU "
@@ -58,7 +61,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                   help="apx_tests: default backend(s) (kvm, qemu, all)")
     parser.addini("apx_require", type="bool", default=False,
                   help="apx_tests: lab mode, scenarios that cannot run fail")
-    parser.addini("apx_qemu", default="", help="apx_tests: qemu-system-x86_64 binary")
+    parser.addini("apx_qemu", type="args", default=[],
+                  help="apx_tests: qemu-system-x86_64 binaries (one or several, space-separated)")
     parser.addini("apx_artifacts", default="", help="apx_tests: artifacts directory")
     parser.addini("apx_cpu", default=DEFAULT_PROFILE, help="apx_tests: CPU profile (--apx-cpu)")
 
@@ -74,6 +78,8 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.getini("apx_cpu") not in PROFILES:
         raise pytest.UsageError(f"apx_cpu ini: unknown CPU profile {config.getini('apx_cpu')!r}; "
                                 f"choose from {', '.join(PROFILES)}")
+    if len(apx_qemu_paths(config) or ()) > 1:
+        apx_qemus(config)  # several QEMUs asked for: each must work (their versions name the ids)
     _configs.append(config)
 
 
@@ -95,8 +101,36 @@ def apx_backends(config: pytest.Config) -> tuple[str, ...]:
     return expand_backends(chosen)
 
 
+def apx_qemu_paths(config: pytest.Config) -> list[str] | None:
+    """The QEMUs asked for (--apx-qemu, else the apx_qemu ini), or None for the default."""
+    return list(config.getoption("apx_qemu") or config.getini("apx_qemu") or []) or None
+
+
 def apx_qemu(config: pytest.Config) -> str | None:
-    return config.getoption("apx_qemu") or config.getini("apx_qemu") or None
+    """The primary QEMU asked for (the first --apx-qemu / ini entry), or None for the
+    default: what the Linux guests and the kernel under test run on."""
+    paths = apx_qemu_paths(config)
+    return paths[0] if paths else None
+
+
+_qemus_key = pytest.StashKey[list]()
+
+
+def apx_qemus(config: pytest.Config) -> list:
+    """The run's QEMUs (apx_tests.qemu.binaries.QemuBinary: path, version, tag), resolved
+    once per session; a list that cannot be used (two QEMUs, one without a version) is a
+    usage error naming it."""
+    if _qemus_key not in config.stash:
+        from .qemu.binaries import QemuListError, resolve_qemus
+        try:
+            config.stash[_qemus_key] = resolve_qemus(apx_qemu_paths(config))
+        except QemuListError as exc:
+            raise pytest.UsageError(str(exc)) from None
+    return config.stash[_qemus_key]
+
+
+def _qemu_backends_chosen(config: pytest.Config) -> bool:
+    return any(b.startswith("qemu-") for b in apx_backends(config))
 
 
 def apx_cpu_profile(config: pytest.Config) -> str:
@@ -113,7 +147,7 @@ def apx_artifacts(config: pytest.Config) -> str | None:
 def get_probe(config: pytest.Config) -> Probe:
     """The probe of this host, computed once per session (stored on the config)."""
     if _probe_key not in config.stash:
-        config.stash[_probe_key] = probe(qemu=apx_qemu(config))
+        config.stash[_probe_key] = probe(qemu=[q.path for q in apx_qemus(config)])
     return config.stash[_probe_key]
 
 
@@ -159,6 +193,8 @@ def _junit_properties(p: Probe) -> dict[str, str]:
         "apx.kvm.xsave2_size": str(p.kvm.xsave2_size),
         "apx.qemu": p.qemu.version or f"unavailable: {p.qemu.error}",
     }
+    if len(p.qemus) > 1:  # side by side: every version (each one's details: report.summary.host_properties)
+        props["apx.qemu"] = ",".join(q.version or "unavailable" for q in p.qemus)
     for b in p.banks.values():
         props[f"apx.bank.{b.name}"] = "runnable" if b.kvm_runnable else f"not runnable: {b.reason}"
     return props
@@ -166,7 +202,12 @@ def _junit_properties(p: Probe) -> dict[str, str]:
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     mode = "require (lab mode)" if apx_require(config) else "skip when unavailable"
-    return [f"apx: backends {','.join(apx_backends(config))}; CPU profile {apx_cpu_profile(config)}; {mode}"]
+    lines = [f"apx: backends {','.join(apx_backends(config))}; CPU profile {apx_cpu_profile(config)}; {mode}"]
+    if _qemu_backends_chosen(config):
+        qemus = apx_qemus(config)
+        lines.append("apx: QEMU " + ", ".join(
+            f"{q.version or 'unavailable'} ({q.backend('*')}: {q.path})" for q in qemus))
+    return lines
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
@@ -184,7 +225,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
 # remote agent and avocado); here they only become pytest items and outcomes.
 
 def scenario_cases(config: pytest.Config) -> list[CaseId]:
-    return cases(apx_backends(config))
+    """The selected backends' cases; a QEMU backend's once per QEMU of the run."""
+    backends = apx_backends(config)
+    tags = tuple(q.tag for q in apx_qemus(config)) if _qemu_backends_chosen(config) else ("",)
+    return cases(backends, tags)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -215,7 +259,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 @pytest.fixture(scope="session")
 def apx_case_runner(pytestconfig: pytest.Config):
     """One CaseRunner per session: each backend is opened once, closed at the end."""
-    with CaseRunner(qemu=apx_qemu(pytestconfig), artifacts=apx_artifacts(pytestconfig),
+    qemu = apx_qemus(pytestconfig) if _qemu_backends_chosen(pytestconfig) else apx_qemu_paths(pytestconfig)
+    with CaseRunner(qemu=qemu, artifacts=apx_artifacts(pytestconfig),
                     profile=apx_cpu_profile(pytestconfig)) as runner:
         yield runner
 

@@ -70,9 +70,9 @@ def test_probe_fixture_computed_once_per_session(pytester, monkeypatch):
         test_a="def test_a(apx_probe):\n    assert apx_probe.kernel_release\n",
         test_b="def test_b(apx_probe):\n    assert apx_probe.banks['x87'].name == 'x87'\n",
     )
-    result = pytester.runpytest_inprocess("--apx-qemu", "/nonexistent/qemu", "--junitxml=out.xml")
+    result = pytester.runpytest_inprocess("--apx-qemu=/nonexistent/qemu", "--junitxml=out.xml")
     result.assert_outcomes(passed=2)
-    assert calls == [{"qemu": "/nonexistent/qemu"}]
+    assert calls == [{"qemu": ["/nonexistent/qemu"]}]  # the run's QEMUs (several may run side by side)
     result.stdout.fnmatch_lines(["*= apx probe =*", "qemu: unavailable: *"])
     junit = (pytester.path / "out.xml").read_text()
     assert '<property name="apx.bank.x87"' in junit
@@ -127,7 +127,28 @@ def test_artifacts_and_qemu_options(pytester):
         "def test_x(pytestconfig):\n"
         "    assert apx_artifacts(pytestconfig) == '/abs/dir'\n"
         "    assert apx_qemu(pytestconfig) == '/usr/bin/q'\n")
-    pytester.runpytest("--apx-artifacts", "/abs/dir", "--apx-qemu", "/usr/bin/q").assert_outcomes(passed=1)
+    # (--opt=PATH: a bare path argument would become pytest's rootdir, /abs/dir/.pytest_cache)
+    pytester.runpytest("--apx-artifacts=/abs/dir", "--apx-qemu=/usr/bin/q").assert_outcomes(passed=1)
+    # Several QEMUs side by side: the ini list, or --apx-qemu repeated; the first is the
+    # primary one (Linux guests, the kernel under test).  Each must report a version (it
+    # names their case ids): two stand-ins that only answer --version.
+    q10, q11 = (pytester.path / "q10", pytester.path / "q11")
+    for path, version in ((q10, "10.0.2"), (q11, "11.1.3")):
+        path.write_text(f"#!/bin/sh\necho 'QEMU emulator version {version}'\n")
+        path.chmod(0o755)
+    pytester.makeini(f"[pytest]\napx_qemu = {q10} {q11}\n")
+    pytester.makepyfile(
+        "from apx_tests.plugin import apx_qemu, apx_qemu_paths, apx_qemus\n"
+        "def test_x(pytestconfig):\n"
+        f"    assert apx_qemu_paths(pytestconfig) == [{str(q10)!r}, {str(q11)!r}]\n"
+        f"    assert apx_qemu(pytestconfig) == {str(q10)!r}\n"
+        "    assert [(q.version, q.tag) for q in apx_qemus(pytestconfig)] == [('10.0.2', '10'), ('11.1.3', '11')]\n")
+    pytester.runpytest().assert_outcomes(passed=1)
+    pytester.makepyfile(
+        "from apx_tests.plugin import apx_qemu, apx_qemu_paths\n"
+        "def test_x(pytestconfig):\n"
+        f"    assert apx_qemu_paths(pytestconfig) == [{str(q11)!r}, {str(q10)!r}]\n")
+    pytester.runpytest(f"--apx-qemu={q11}", f"--apx-qemu={q10}").assert_outcomes(passed=1)
 
 
 def test_plugin_registered_once(pytester):

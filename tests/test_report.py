@@ -240,9 +240,11 @@ def test_qemu_failure_keeps_logs_and_migration_file_and_keep_option_keeps_passin
     failing, passing = f"qemu-tcg-{bank}-import", f"qemu-tcg-{bank}-export"
     pytester.makepyfile(test_cases=SUITE)
     pytester.makeconftest(TAMPER.format(targets={failing: (register, byte)}))
+    # One QEMU: plain ids (with several they carry the version, tests/test_qemu11.py).
     result = pytester.runpytest_inprocess("-m", "apx", "--apx-backend", "qemu-tcg", "-k",
                                           f"{failing} or {passing}", "--apx-artifacts", "art",
-                                          "--apx-keep-artifacts")
+                                          "--apx-keep-artifacts",
+                                          f"--apx-qemu={shutil.which('qemu-system-x86_64') or 'qemu-system-x86_64'}")
     result.assert_outcomes(passed=1, failed=1)
     art = pytester.path / "art"
     assert sorted(os.listdir(art)) == sorted([failing, passing])
@@ -366,7 +368,11 @@ def test_apx_test_artifacts_folder_kept_only_for_failures(pytester):
     ("qemu-kvm-apx-debugger_import", ("qemu-kvm", "apx", "debugger_import")),
     ("qemu-tcg-linux-ymm-restore", ("qemu-tcg", "ymm", "linux-restore")),
     ("remote[root@lab-kvm-01:22]-kvm-x87-fresh_vm", ("kvm", "x87", "fresh_vm")),
-    ("ymm", None), ("test_x", None), ("kvm-foo-import", None), ("kvm-ymm", None),
+    # several QEMUs side by side: the backend as the id spells it, with the version tag
+    ("qemu11-kvm-ymm-export", ("qemu11-kvm", "ymm", "export")),
+    ("qemu10.1-tcg-x87-fresh_vm", ("qemu10.1-tcg", "x87", "fresh_vm")),
+    ("qemu11.1.3b-tcg-apx-gprs", ("qemu11.1.3b-tcg", "apx", "gprs")),
+    ("ymm", None), ("test_x", None), ("kvm-foo-import", None), ("kvm-ymm", None), ("qemu11-xen-ymm-export", None),
 ])
 def test_parse_case_label(text, parsed):
     assert parse_case_label(text) == parsed
@@ -419,6 +425,24 @@ def test_case_table_cells_reasons_and_failures():
     assert case_table(records[5:]) == []
 
 
+def test_case_table_has_a_row_per_qemu():
+    def rec(label, status="pass", reason="", order=0):
+        r = TestRecord.for_test(f"t.py::test_scenario[{label}]", {"apx.case": label}, order)
+        r.status, r.reason = status, reason
+        return r
+    records = [rec("qemu11-tcg-ymm-export", order=0), rec("qemu10-tcg-ymm-export", order=1),
+               rec("kvm-ymm-export", order=2), rec("qemu11-kvm-ymm-export", order=3),
+               rec("qemu10-kvm-ymm-export", "skip", "qemu10-kvm-ymm-export: no KVM", 4)]
+    assert case_table(records)[1:7] == [
+        "bank backend    ex",
+        "ymm  kvm        P",
+        "     qemu10-kvm S1",
+        "     qemu11-kvm P",
+        "     qemu10-tcg P",
+        "     qemu11-tcg P",
+    ]
+
+
 def test_abbreviations_are_short_and_unique():
     names = ["export", "import", "round_trip", "fresh_vm", "init_state", "xcr0_cycle", "gprs",
              "debugger_import", "negative", "linux-restore", "linux-ctxswitch", "linux-rescue"]
@@ -436,6 +460,14 @@ def test_host_line_and_properties_name_the_host():
     props = host_properties(p, ("kvm", "qemu-tcg"))
     assert props["apx.accel"] == "kvm,tcg" and props["apx.backends"] == "kvm,qemu-tcg"
     assert props["apx.host"] == line[len("host: "):]
+    # Every QEMU of the run on the host line; each one's -cpu and APX verdicts as properties.
+    for q in p.qemus:
+        assert f"QEMU {q.version}" in line
+        key = f"apx.{q.name}" if len(p.qemus) > 1 else "apx.qemu"
+        if len(p.qemus) > 1:
+            assert props[key] == f"{q.version} {q.path}"
+        assert props[f"{key}.kvm_cpu"] == q.kvm_cpu
+        assert props[f"{key}.apx.tcg"] == q.apx["tcg"]
 
 
 def test_safe_name_and_finalize(tmp_path):

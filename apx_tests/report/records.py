@@ -12,31 +12,36 @@ from dataclasses import dataclass, field
 
 from ..cases import BACKENDS
 from ..probe import BANK_ORDER
+from ..qemu.binaries import TAG_RE, parse_backend, version_tuple
 from ..scenarios import SCENARIOS
 
 # pytest outcomes as recorded here: pass, fail (the test body), error (setup/teardown),
 # skip, xfail (expected failure), xpass (unexpected pass, not strict)
 STATUSES = ("pass", "fail", "error", "skip", "xfail", "xpass")
 _WORD = re.compile(r"[a-z0-9_]+$")
+# A backend as case ids spell it: kvm, qemu-kvm, qemu-tcg, or a QEMU with its version tag
+# when several run side by side (qemu11-kvm, qemu10.1-tcg).
+_BACKEND = re.compile(rf"(kvm|qemu(?:{TAG_RE.pattern})?-(?:kvm|tcg))-")
 
 
 def parse_case_label(text: str) -> tuple[str, str, str] | None:
-    """`kvm-ymm-import` -> ("kvm", "ymm", "import"); `qemu-tcg-linux-ymm-restore` ->
-    ("qemu-tcg", "ymm", "linux-restore"); a prefix such as `remote[host]-` is skipped.
-    None when the text names no backend and bank."""
+    """`kvm-ymm-import` -> ("kvm", "ymm", "import"); `qemu11-kvm-ymm-export` ->
+    ("qemu11-kvm", "ymm", "export"); `qemu-tcg-linux-ymm-restore` -> ("qemu-tcg", "ymm",
+    "linux-restore"); a prefix such as `remote[host]-` is skipped.  None when the text
+    names no backend and bank."""
     starts = [0] + [i + 1 for i, c in enumerate(text) if c == "-"]
     for start in starts:
-        rest = text[start:]
-        for backend in sorted(BACKENDS, key=len, reverse=True):
-            if not rest.startswith(backend + "-"):
-                continue
-            tokens = rest[len(backend) + 1:].split("-")
-            for i, token in enumerate(tokens):
-                if token in BANK_ORDER:
-                    words = tokens[:i] + tokens[i + 1:]
-                    if words and all(_WORD.match(w) for w in words):
-                        return backend, token, "-".join(words)
-                    break
+        m = _BACKEND.match(text, start)
+        if m is None:
+            continue
+        backend = m.group(1)
+        tokens = text[m.end():].split("-")
+        for i, token in enumerate(tokens):
+            if token in BANK_ORDER:
+                words = tokens[:i] + tokens[i + 1:]
+                if words and all(_WORD.match(w) for w in words):
+                    return backend, token, "-".join(words)
+                break
     return None
 
 
@@ -46,8 +51,15 @@ def scenario_order(name: str) -> tuple[int, str]:
     return (names.index(name), "") if name in names else (len(names), name)
 
 
-def backend_order(name: str) -> int:
-    return BACKENDS.index(name) if name in BACKENDS else len(BACKENDS)
+def backend_order(name: str) -> tuple:
+    """Sort key: kvm, qemu-kvm, qemu-tcg (the catalogue's order), each QEMU's by version
+    (qemu10-kvm before qemu11-kvm), then anything else (kernel[...]-kvm) by name."""
+    qemu = parse_backend(name)
+    tag, base = qemu if qemu is not None else ("", name)
+    if base not in BACKENDS:
+        return (len(BACKENDS), (), name)
+    digits = re.match(r"[\d.]*", tag).group(0).strip(".")
+    return (BACKENDS.index(base), version_tuple(digits) if digits else (), tag)
 
 
 def bank_order(name: str) -> int:

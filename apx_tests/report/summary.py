@@ -118,14 +118,31 @@ def host_line(probe) -> str:
     kvm = probe.kvm
     parts.append(f"KVM supported XCR0 {_hex(kvm.supported_xcr0)}, KVM_CAP_XSAVE2 {kvm.xsave2_size}"
                  if kvm.present else f"KVM unavailable ({kvm.error})")
-    qemu = probe.qemu
-    accels = f" ({', '.join(qemu.accelerators)})" if qemu.accelerators else ""
-    parts.append(f"QEMU {qemu.version}{accels}" if qemu.version else f"QEMU unavailable ({qemu.error})")
+    for qemu in getattr(probe, "qemus", None) or [probe.qemu]:
+        accels = f" ({', '.join(qemu.accelerators)})" if qemu.accelerators else ""
+        parts.append(f"QEMU {qemu.version}{accels}" if qemu.version else f"QEMU unavailable ({qemu.error})")
     parts.append(f"gdb {probe.gdb.version}" if probe.gdb.version else f"gdb unavailable ({probe.gdb.error})")
     return "host: " + "; ".join(parts)
 
 
 ACCELERATOR = {"kvm": "kvm", "qemu-kvm": "kvm", "qemu-tcg": "tcg"}
+
+
+def _qemu_properties(probe) -> dict[str, str]:
+    """With several QEMUs: apx.<name> (apx.qemu10, apx.qemu11) = version and path, and the
+    -cpu of its KVM guests and its APX verdicts; with one, its -cpu and APX under
+    apx.qemu.*."""
+    out: dict[str, str] = {}
+    qemus = getattr(probe, "qemus", None) or []
+    for q in qemus:
+        key = f"apx.{q.name}" if len(qemus) > 1 else "apx.qemu"
+        if len(qemus) > 1:
+            out[key] = f"{q.version} {q.path}" if q.version else f"unavailable: {q.error}"
+        if q.kvm_cpu:
+            out[f"{key}.kvm_cpu"] = q.kvm_cpu
+        for accel, why in (q.apx or {}).items():
+            out[f"{key}.apx.{accel}"] = why
+    return out
 
 
 def host_properties(probe, backends) -> dict[str, str]:
@@ -153,4 +170,5 @@ def host_properties(probe, backends) -> dict[str, str]:
         "apx.backends": ",".join(backends),
         "apx.accel": ",".join(dict.fromkeys(ACCELERATOR.get(b, b) for b in backends)),
         "apx.llvm_mc": probe.llvm.version or f"unavailable: {probe.llvm.error}",
+        **_qemu_properties(probe),
     }
