@@ -88,6 +88,18 @@ class QemuFacts:
     apxf: bool | None = None           # `-cpu help` lists the apxf flag
     accelerators: list[str] | None = None
     error: str | None = None
+    tag: str = ""                      # what its case ids carry with several QEMUs ("11": qemu11-kvm-...)
+    origin: str | None = None          # PATH, --apx-qemu, $APX_QEMU, ci/bootstrap side QEMU
+    kvm_cpu: str | None = None         # -cpu of its KVM guests (host, or host,-arch-capabilities)
+    kvm_cpu_why: str | None = None     # what a start under -cpu host showed
+    apx: dict[str, str] | None = None  # accelerator -> "available" or why not (the missing piece)
+    gdb: str | None = None             # the gdb its gdb observer uses, when not PATH's
+    gdb_version: str | None = None
+
+    @property
+    def name(self) -> str:
+        """"qemu", or "qemu11" when several QEMUs run: the prefix of its backends and lines."""
+        return f"qemu{self.tag}"
 
 
 @dataclass
@@ -123,6 +135,8 @@ class Probe:
     gdb: ToolFacts
     llvm: LlvmFacts
     banks: dict[str, BankFacts] = field(default_factory=dict)
+    qemus: list[QemuFacts] = field(default_factory=list)  # every QEMU of the run; qemu is the first
+    side_qemus_broken: list[QemuFacts] = field(default_factory=list)  # ci/bootstrap's, not running
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -278,7 +292,7 @@ def probe_kvm(path: str = "/dev/kvm") -> KvmFacts:
 
 
 def find_qemu(explicit: str | None = None) -> str | None:
-    candidate = explicit or os.environ.get("APX_QEMU") or "qemu-system-x86_64"
+    candidate = explicit or (os.environ.get("APX_QEMU") or "").split(os.pathsep)[0] or "qemu-system-x86_64"
     if os.sep in candidate:
         return candidate
     return shutil.which(candidate)
@@ -466,13 +480,88 @@ def bank_facts(cpu: CpuFacts, kvm: KvmFacts,
     return out
 
 
+# --- QEMUs side by side -----------------------------------------------------------------
+
+class _KvmApx:
+    """KvmFacts as apx_tests.qemu.binaries.kvm_lacks_apx reads KVM (apx_cpu, supported_xcr0)."""
+
+    def __init__(self, kvm: KvmFacts):
+        self.apx_cpu = bool(kvm.apx_cpuid)
+        self.supported_xcr0 = kvm.supported_xcr0 or 0
+
+
+def probe_qemus(qemu=None, kvm: KvmFacts | None = None, cpu: CpuFacts | None = None,
+                gdb: ToolFacts | None = None) -> tuple[list[QemuFacts], list[QemuFacts]]:
+    """Every QEMU of a run (`qemu`: None for the default ones -- PATH's QEMU and
+    ci/bootstrap's side QEMUs --, a path, or a list), each with its tag, the -cpu of its
+    KVM guests and, per accelerator, whether APX can run and what is missing (measured:
+    short QEMU starts, remembered per binary); and the side QEMUs that do not run."""
+    try:
+        from .qemu.binaries import QemuListError, broken_side_qemus, resolve_qemus
+    except ImportError as exc:
+        return [QemuFacts(error=f"apx_tests.qemu not importable: {_err(exc)}")], []
+    try:
+        binaries = resolve_qemus(qemu)
+    except QemuListError as exc:
+        return [QemuFacts(error=_err(exc))], []
+    out = []
+    for b in binaries:
+        facts = probe_qemu(b.path if b.version or os.sep in b.path else None if qemu is None else b.path)
+        facts.tag, facts.origin = b.tag, b.origin
+        if facts.version is not None:
+            _qemu_measurements(facts, kvm, cpu, gdb)
+        out.append(facts)
+    broken = [] if qemu is not None else [
+        QemuFacts(path=b.path, error=b.error, origin=b.origin) for b in broken_side_qemus()]
+    return out, broken
+
+
+def _qemu_measurements(facts: QemuFacts, kvm: KvmFacts | None, cpu: CpuFacts | None,
+                       gdb: ToolFacts | None) -> None:
+    from .qemu.binaries import ApxFacts, apx_probes, apx_reason, kvm_cpu_model, sibling_gdb
+    from .qemu.machine import QemuError
+    try:
+        choice = kvm_cpu_model(facts.path)
+        facts.kvm_cpu, facts.kvm_cpu_why = choice.cpu, choice.why
+    except QemuError as exc:
+        facts.kvm_cpu_why = _err(exc)
+    facts.apx = {}
+    for accel in ("kvm", "tcg"):
+        if facts.accelerators is not None and accel not in facts.accelerators:
+            facts.apx[accel] = f"QEMU {facts.version} has no {accel} accelerator"
+            continue
+        if accel == "kvm" and (kvm is None or not kvm.present):
+            facts.apx[accel] = f"KVM unavailable ({kvm.error if kvm else 'not probed'})"
+            continue
+        model = (facts.kvm_cpu or "host") if accel == "kvm" else "max"
+        try:
+            probes = apx_probes(facts.path, accel, model) if facts.apxf else ()
+        except QemuError as exc:
+            facts.apx[accel] = f"not measured: {_err(exc)}"
+            continue
+        why = apx_reason(ApxFacts(facts.version, bool(facts.apxf), accel,
+                                  _KvmApx(kvm) if accel == "kvm" else None, probes,
+                                  host_cpu=cpu.model_name if cpu is not None else None,
+                                  host_cpu_apx=cpu.apx if cpu is not None else None))
+        facts.apx[accel] = why or "available"
+    paired = sibling_gdb(facts.path)
+    if paired != "gdb":
+        facts.gdb = paired
+        other = probe_gdb(paired)
+        facts.gdb_version = other.version or f"unavailable: {other.error}"
+
+
 # --- all of it --------------------------------------------------------------------------
 
-def probe(qemu: str | None = None, kvm_path: str = "/dev/kvm") -> Probe:
+def probe(qemu=None, kvm_path: str = "/dev/kvm") -> Probe:
+    """`qemu`: None (the default QEMUs: PATH's and ci/bootstrap's side QEMUs), a path,
+    or a list of paths (several side by side)."""
     cpu = probe_cpu()
     kvm = probe_kvm(kvm_path)
-    result = Probe(cpu=cpu, kernel_release=os.uname().release, kvm=kvm, qemu=probe_qemu(qemu),
-                   gdb=probe_gdb(), llvm=probe_llvm())
+    gdb = probe_gdb()
+    qemus, broken = probe_qemus(qemu, kvm, cpu, gdb)
+    result = Probe(cpu=cpu, kernel_release=os.uname().release, kvm=kvm, qemu=qemus[0],
+                   gdb=gdb, llvm=probe_llvm(), qemus=qemus, side_qemus_broken=broken)
     result.banks = bank_facts(cpu, kvm)
     return result
 
@@ -483,6 +572,29 @@ def _hex(value: int | None) -> str:
 
 def _yes(value: bool | None) -> str:
     return "unknown" if value is None else ("yes" if value else "no")
+
+
+def _qemu_lines(q: QemuFacts, several: bool) -> list[str]:
+    """One QEMU's lines, each keyed by its name (qemu, or qemu10/qemu11 side by side)."""
+    n = q.name
+    if q.error and q.version is None:
+        return [f"{n}: unavailable: {q.error}"]
+    ids = f" (case ids {n}-kvm-*, {n}-tcg-*)" if several else ""
+    origin = f", from {q.origin}" if q.origin and q.origin != "PATH" and several else ""
+    lines = [
+        f"{n}: {q.path} version {q.version}{ids}{origin}",
+        f"{n} -cpu apxf: {_yes(q.apxf)}",
+        f"{n} accelerators: {', '.join(q.accelerators) if q.accelerators is not None else 'unknown'}",
+    ]
+    if q.kvm_cpu or q.kvm_cpu_why:
+        lines.append(f"{n} kvm -cpu: {q.kvm_cpu or 'unknown'} ({q.kvm_cpu_why})")
+    for accel, why in (q.apx or {}).items():
+        lines.append(f"{n} APX under {accel}: {why}")
+    if q.gdb:
+        lines.append(f"{n} gdb: {q.gdb} version {q.gdb_version}")
+    if q.error:
+        lines.append(f"{n} error: {q.error}")
+    return lines
 
 
 def _report_lines(p: Probe) -> list[str]:
@@ -519,16 +631,10 @@ def _report_lines(p: Probe) -> list[str]:
             lines.append(f"kvm error: {k.error}")
     else:
         lines.append(f"kvm: unavailable: {k.error}")
-    if q.error and q.version is None:
-        lines.append(f"qemu: unavailable: {q.error}")
-    else:
-        lines += [
-            f"qemu: {q.path} version {q.version}",
-            f"qemu -cpu apxf: {_yes(q.apxf)}",
-            f"qemu accelerators: {', '.join(q.accelerators) if q.accelerators is not None else 'unknown'}",
-        ]
-        if q.error:
-            lines.append(f"qemu error: {q.error}")
+    for q in p.qemus or [q]:
+        lines += _qemu_lines(q, several=len(p.qemus) > 1)
+    for b in p.side_qemus_broken:
+        lines.append(f"side QEMU {b.path}: not used: {b.error}")
     lines.append(f"gdb: {g.path} version {g.version}" if g.version else f"gdb: unavailable: {g.error}")
     if l.version:
         lines.append(f"llvm-mc: {l.path} version {l.version}")

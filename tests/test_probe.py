@@ -132,6 +132,40 @@ def test_qemu_version_matches_its_own_output(result):
     assert "tcg" in result.qemu.accelerators
 
 
+def test_every_qemu_of_the_run_is_listed(result):
+    """The default QEMUs (PATH's, then ci/bootstrap's side QEMUs), each under the name its
+    case ids carry, with the -cpu of its KVM guests and APX per accelerator."""
+    from apx_tests.qemu import binaries as qb
+    want = qb.resolve_qemus(None)
+    assert [(q.path, q.version, q.tag) for q in result.qemus] == [(b.path, b.version, b.tag) for b in want]
+    assert result.qemu is result.qemus[0]
+    lines = result.report_lines()
+    keys = [line.split(":", 1)[0] for line in lines]
+    assert len(keys) == len(set(keys)), "a fact printed twice"
+    for q in result.qemus:
+        assert any(line.startswith(f"{q.name}: {q.path} version {q.version}") for line in lines), q.name
+        assert f"{q.name} -cpu apxf: {'yes' if q.apxf else 'no'}" in lines
+        choice = qb.kvm_cpu_model(q.path)
+        assert (q.kvm_cpu, q.kvm_cpu_why) == (choice.cpu, choice.why)
+        assert f"{q.name} kvm -cpu: {choice.cpu} ({choice.why})" in lines
+        assert set(q.apx) == {"kvm", "tcg"}
+        assert f"{q.name} APX under tcg: {q.apx['tcg']}" in lines
+        assert ("too old for APX" in q.apx["tcg"]) == (not q.apxf)
+    if len(result.qemus) > 1:
+        assert [q.name for q in result.qemus] == [f"qemu{b.tag}" for b in want] and all(b.tag for b in want)
+
+
+def test_a_side_qemu_that_does_not_run_is_listed_not_used(tmp_path, monkeypatch):
+    monkeypatch.setenv("APX_DEBIAN13_CACHE", str(tmp_path))
+    monkeypatch.delenv("APX_QEMU", raising=False)
+    (tmp_path / "qemu11" / "bin").mkdir(parents=True)
+    broken = _script(tmp_path / "qemu11" / "bin" / "qemu-system-x86_64", "echo 'ld.so: not found' >&2; exit 127\n")
+    p = probe_mod.probe()
+    assert [b.path for b in p.side_qemus_broken] == [broken]
+    assert f"side QEMU {broken}: not used: {broken} --version: exit 127: ld.so: not found" in p.report_lines()
+    assert all(q.path != broken for q in p.qemus)
+
+
 def test_gdb_version_matches_its_own_output(result):
     gdb = shutil.which("gdb")
     assert gdb, "gdb not found: ci/bootstrap installs it"
@@ -199,6 +233,7 @@ esac
 
 def test_missing_tools_are_fields_not_tracebacks(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # nothing in it
+    monkeypatch.setenv("APX_DEBIAN13_CACHE", str(tmp_path))  # and no side QEMU of ci/bootstrap
     monkeypatch.delenv("APX_QEMU", raising=False)
     monkeypatch.delenv("APX_LLVM_MC", raising=False)
     p = probe_mod.probe(kvm_path=str(tmp_path / "kvm"))
@@ -291,7 +326,8 @@ def test_xcr0_bits_text(mask, text):
 
 def test_to_dict_is_json(result):
     d = json.loads(json.dumps(result.to_dict()))
-    assert set(d) == {"cpu", "kernel_release", "kvm", "qemu", "gdb", "llvm", "banks"}
+    assert set(d) == {"cpu", "kernel_release", "kvm", "qemu", "gdb", "llvm", "banks", "qemus", "side_qemus_broken"}
+    assert d["qemus"][0] == d["qemu"]  # the primary QEMU first
     assert d["banks"]["apx"]["name"] == "apx"
     assert d["cpu"]["xcr0"] == result.cpu.xcr0
 
