@@ -244,7 +244,8 @@ MODES: dict[str, tuple[Callable[[], str], tuple[str, ...]]] = {
     "kvm_hang": (kvm_hang, ("kvm ymm: guest hung: no sync within 0.2 s", "last stage none")),
     "qemu_hang": (qemu_hang, ("qemu-tcg ymm: no '0' on debugcon within 0.4 s", "waiting for stage 0")),
     "kvm_triple_fault": (kvm_triple_fault, ("kvm-ymm-export: kvm ymm:", "SHUTDOWN")),
-    "qemu_triple_fault": (qemu_triple_fault, ("qemu-tcg-ymm-export: qemu-tcg ymm:", "triple-fault")),
+    # "qemu-tcg ymm:" with one QEMU, "qemu10-tcg ymm:" where ci/bootstrap added a side QEMU.
+    "qemu_triple_fault": (qemu_triple_fault, ("qemu-tcg-ymm-export: qemu", "-tcg ymm:", "triple-fault")),
     "kvm_missing": (kvm_missing, ("/nonexistent/kvm: No such file or directory",)),
     "kvm_not_a_device": (kvm_not_a_device, ("not a KVM device", "Inappropriate ioctl for device")),
     "kvm_not_permitted": (kvm_not_permitted, ("/kvm: Permission denied",)),
