@@ -755,3 +755,37 @@ def test_to_xsave_where_and_errors(tmp_path):
         wide.to_xsave(ZEN4)
     assert info.value.problem == (f"cpu 0: cannot build an XSAVE image: {tmp_path / 'w.mig'} cpu 0: "
                                   "component 9 pkru is 8 bytes, got 12")
+
+
+# ---- shapes past what the architecture has --------------------------------------------------
+
+def test_synthetic_elements_past_the_architecture_are_not_registers(tmp_path):
+    """A hi16_zmm_reg array of 17 elements (a 'zmm32') and an fpreg described only as
+    element 8: register_names stops at zmm31, and no x87 register 0..7 exists."""
+    sub = ("cpu/avx512", [_u64_array("env.opmask_regs", list(range(1, 9))),
+                          _zmm_array("env.xmm_regs[0]", "zmmh_reg", [4, 5, 6, 7], ZMM[:16]),
+                          _zmm_array("env.xmm_regs[1]", "hi16_zmm_reg", list(range(8)), ZMM[16:] + [ZMM[0]])])
+    cpu = _open(tmp_path, _cpu(), [sub], name="a.mig").cpu_state(0)
+    names = cpu.register_names()
+    assert [n for n in names if n.startswith("zmm")] == [f"zmm{i}" for i in range(32)]
+    assert cpu.component_data()[7] == b"".join(ZMM[16:])
+    desc, data = _fpregs([_x(0x70, 10)])
+    one = {k: v for k, v in desc.items() if k != "array_len"}
+    cpu = _open(tmp_path, _cpu(fpregs=False) + [({**one, "index": 8}, data)], name="b.mig").cpu_state(0)
+    with pytest.raises(MigrationStreamError) as info:
+        cpu.register("st0")
+    assert info.value.problem == "cpu 0: the stream has no env.fpregs for st0"
+
+
+def test_to_xsave_judges_xcr0_support_not_just_the_component_table(tmp_path):
+    """A Layout that describes AVX (component 2) while its XCR0 lacks it (no CPUID reports
+    that, but Layout accepts it): AVX's non-zero state still has no place."""
+    from apx_tests.xsave.layout import Component
+    odd = Layout(0x3, {2: Component(2, "avx", 256, 576, False, False)}, 832, 0, "x87+sse layout describing avx")
+    cpu = _open(tmp_path, _cpu()).cpu_state(0)
+    with pytest.raises(MigrationStreamError) as info:
+        cpu.to_xsave(odd)
+    assert info.value.problem == ("cpu 0: non-zero state for component 2 (avx) has no place in the layout "
+                                  "(x87+sse layout describing avx, XCR0 0x3); pass strict=False to drop it")
+    image = cpu.to_xsave(odd, strict=False)
+    assert image.xstate_bv == 0x3 and image.raw_component_bytes(2) == bytes(256)
