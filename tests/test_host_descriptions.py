@@ -75,6 +75,13 @@ EXPECTED = {
         comps={2: (576, 256), 9: (2432, 8)},
         kvm_xcr0=0x207, kvm_layout_xcr0=0x207, xsave2=4096, apx_cpu=False, kvm_apx=False,
         runnable={"ymm", "xmm", "x87", "pkru"}),
+    # Zen 5 (family 26): AVX-512 at Intel's offsets, no PKU (leaf 7 ECX[3] = 0), so no
+    # component 9; seen as a machine of our kind on 2026-12-02.
+    "kind-amd-epyc-zen5-pvm": dict(
+        vendor="AuthenticAMD", fms=(26, 2, 1), host_xcr0=0xE7, cpu_xcr0=0xE7, size=2432, xss=0x1800,
+        comps={2: (576, 256), 5: (832, 64), 6: (896, 512), 7: (1408, 1024)},
+        kvm_xcr0=0xE7, kvm_layout_xcr0=0xE7, xsave2=4096, apx_cpu=False, kvm_apx=False,
+        runnable={"hi16_zmm", "zmm_hi256", "opmask", "ymm", "xmm", "x87"}),
     "kind-amd-epyc-pvm-xcr0-7": dict(
         vendor="AuthenticAMD", fms=(25, 1, 1), host_xcr0=0x7, cpu_xcr0=0x7, size=832, xss=0x1800,
         comps={2: (576, 256)},

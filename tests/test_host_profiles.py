@@ -31,6 +31,8 @@ EXPECTED = {
                           "avx2": (0x207, LEGACY | {"ymm"}), "avx512": None},
     "kind-amd-epyc-pvm-xcr0-7": {"host": (0x7, LEGACY | {"ymm"}), "sse": (0x3, LEGACY),
                                  "avx2": (0x7, LEGACY | {"ymm"}), "avx512": None},
+    "kind-amd-epyc-zen5-pvm": {"host": (0xE7, LEGACY | {"ymm"} | AVX512), "sse": (0x3, LEGACY),
+                               "avx2": (0x7, LEGACY | {"ymm"}), "avx512": (0xE7, LEGACY | {"ymm"} | AVX512)},
     "kind-intel-xeon-pvm": {"host": (0xE7, LEGACY | {"ymm"} | AVX512), "sse": (0x3, LEGACY),
                             "avx2": (0x7, LEGACY | {"ymm"}), "avx512": (0xE7, LEGACY | {"ymm"} | AVX512)},
     "amd-zen3": {"host": (0x207, LEGACY | {"ymm"}), "sse": (0x203, LEGACY),
