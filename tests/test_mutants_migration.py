@@ -17,6 +17,7 @@ import struct
 from pathlib import Path
 
 import pytest
+from hostfacts import read_cpuinfo
 from test_qemu_migration import (  # the QEMU driver, the guest image and the stream builder
     ACCELS,
     APX_LAYOUT,
@@ -56,6 +57,12 @@ from apx_tests.xsave import Layout
 
 SKX_MPX = Layout.reference("intel-skx-mpx")
 ZEN4 = Layout.reference("amd-zen4")
+
+# What QEMU's KVM stream holds in env.xstate_bv for the payloads here (x87, SSE and AVX
+# used): those, plus PKRU where the host kernel enabled protection keys (KVM's fpstate then
+# carries PKRU and KVM_GET_XSAVE2 marks it).  From /proc/cpuinfo, not from our own probe.
+KVM_XSTATE_BV = 0x7 | (0x200 if "ospke" in read_cpuinfo().get("flags", "").split() else 0)
+
 
 # ---------------------------------------------------------------------------
 # The real captures
@@ -185,9 +192,10 @@ def test_register_names_leaves_and_repr_of_a_real_stream(captures, accel):
         "env.xmm_regs[0][12]._q_ZMMReg[0]", "env.xmm_regs[0][12]._q_ZMMReg[1]",
         "env.xmm_regs[1][12]._q_ZMMReg[2]", "env.xmm_regs[1][12]._q_ZMMReg[3]"]
     assert [leaf.path for leaf in cpu.register_leaves("r9")] == ["env.regs[9]"]
-    # XCR0 and XSTATE_BV are registers too (what with_register patches): x87|SSE|AVX; KVM's 0x207.
+    # XCR0 and XSTATE_BV are registers too (what with_register patches): x87|SSE|AVX; KVM's
+    # XSTATE_BV adds PKRU where the host kernel uses protection keys (0x207 on a Zen 3).
     assert cpu.register("xcr0") == b"\x07" + bytes(7)
-    assert cpu.register("xstate_bv") == (0x207 if accel == "kvm" else 0).to_bytes(8, "little")
+    assert cpu.register("xstate_bv") == (KVM_XSTATE_BV if accel == "kvm" else 0).to_bytes(8, "little")
     assert cpu.register("ymm12") == GUEST_YMM12 and cpu.register("xmm3") == GUEST_YMM3[:16]
     text = repr(cpu)
     assert text.startswith(f"<CpuState {path} cpu 0: {len(cpu.leaves)} fields, subsections ")
@@ -259,9 +267,9 @@ def test_register_edits_on_the_reset_stream(captures, accel):
 
 
 def test_register_edits_leave_xstate_bv_alone_when_the_bit_is_set(captures):
-    """The KVM stream's env.xstate_bv (0x207) already has SSE and AVX: no XSTATE_BV edit."""
+    """The KVM stream's env.xstate_bv (0x7 or 0x207) already has SSE and AVX: no XSTATE_BV edit."""
     path, cpu = _loaded(captures, "kvm")
-    assert cpu.xstate_bv == 0x207
+    assert cpu.xstate_bv == KVM_XSTATE_BV
     edits = MigrationStream.open(path).register_edits("ymm5", bytes(range(32)))
     assert sorted(leaf.path for leaf in edits) == [
         "env.xmm_regs[0][5]._q_ZMMReg[0]", "env.xmm_regs[0][5]._q_ZMMReg[1]",
