@@ -26,7 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from apx_tests.cli import main
-from apx_tests.qemu.migration import MigrationStream, MigrationStreamError
+from apx_tests.qemu.migration.stream import MigrationStream, MigrationStreamError
 from apx_tests.xsave import BANKS, Layout, XsaveImage
 
 APX = Layout.reference("intel-apx")

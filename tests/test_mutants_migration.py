@@ -41,7 +41,7 @@ from test_qemu_migration import (  # the QEMU driver, the guest image and the st
     _zmm_array,
 )
 
-from apx_tests.qemu.migration import (
+from apx_tests.qemu.migration.stream import (
     Leaf,
     MigrationStream,
     MigrationStreamError,

@@ -19,7 +19,7 @@ from apx_tests.guests.build import build_payload
 from apx_tests.qemu import machine as qm
 from apx_tests.qemu.backend import QemuBackend, QemuSession
 from apx_tests.qemu.machine import QemuUnavailable, our_temp_dirs
-from apx_tests.qemu.migration import MigrationStream
+from apx_tests.qemu.migration.stream import MigrationStream
 from apx_tests.scenarios import SCENARIOS, Run, ScenarioFailure, ScenarioNotApplicable
 from apx_tests.scenarios.engine import LOADED, load_bank
 from apx_tests.xsave import BANKS, diff_registers

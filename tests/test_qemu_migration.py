@@ -39,7 +39,7 @@ from pathlib import Path
 
 import pytest
 
-from apx_tests.qemu.migration import (
+from apx_tests.qemu.migration.stream import (
     PAGE_NOT_SENT,
     PAGE_ZERO,
     MigrationStream,

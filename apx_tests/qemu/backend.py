@@ -482,7 +482,7 @@ class QemuSession(Session):
     def _stream(self, path: str):
         """The parsed stream of `path` (the newest one is kept: export then import of the
         same state parse once)."""
-        from .migration import MigrationStream, MigrationStreamError
+        from .migration.stream import MigrationStream, MigrationStreamError
         if self._parsed is not None and self._parsed[0] == path:
             return self._parsed[1]
         with self.clock.timed("parse"):
@@ -494,7 +494,7 @@ class QemuSession(Session):
         return stream
 
     def export(self) -> XsaveImage:
-        from .migration import MigrationStreamError
+        from .migration.stream import MigrationStreamError
         stream = self._stream(self._save())
         with self.clock.timed("parse"):
             try:
@@ -521,7 +521,7 @@ class QemuSession(Session):
                 "hmp": lambda: self.hmp_view(GPR_VIEW_NAMES)}
 
     def _stream_gprs(self) -> dict[str, bytes]:
-        from .migration import MigrationStreamError
+        from .migration.stream import MigrationStreamError
         stream = self._stream(self._save())
         try:
             cpu = stream.cpu_state(0, accelerator=self.owner.accel)
@@ -597,7 +597,7 @@ class QemuSession(Session):
     def import_image(self, image: XsaveImage) -> None:
         """Patch the bank's registers (raw bytes) and the bank's XSTATE_BV bits of `image`
         into a copy of the current migration stream; continue in a fresh QEMU from it."""
-        from .migration import MigrationStreamError
+        from .migration.stream import MigrationStreamError
         stream = self._stream(self._save())
         path = self._new_path("import")
         with self.clock.timed("patch"):

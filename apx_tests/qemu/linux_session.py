@@ -446,7 +446,7 @@ class LinuxHolderRun:
         """Stop inside the spin loop, read HMP, migrate to file, read the stream; then kill
         the booted QEMU.  The snapshot is checked with Snapshot.check()."""
         from .hmp import HmpParseError, parse_info_registers
-        from .migration import MigrationStream, MigrationStreamError
+        from .migration.stream import MigrationStream, MigrationStreamError
 
         if self.machine is None:
             raise LinuxSessionError(f"{self.label} snapshot: not booted")
@@ -499,7 +499,7 @@ class LinuxHolderRun:
 
     # ---- edited streams ---------------------------------------------------------------------------
     def _snapshot_stream(self):
-        from .migration import MigrationStream
+        from .migration.stream import MigrationStream
 
         if self.snap is None:
             raise LinuxSessionError(f"{self.label} patch: no snapshot yet")
@@ -508,7 +508,7 @@ class LinuxHolderRun:
     def edited(self, stage_or_values: int | Mapping[str, bytes], name: str = "edited") -> Path:
         """A copy of the snapshot whose bank registers hold BANKS[bank].pattern(stage)
         (or the given {register: bytes}); XSTATE_BV gets the bank's bits."""
-        from .migration import MigrationStreamError
+        from .migration.stream import MigrationStreamError
 
         values = (BANKS[self.bank].pattern(stage_or_values) if isinstance(stage_or_values, int)
                   else dict(stage_or_values))
@@ -527,7 +527,7 @@ class LinuxHolderRun:
 
     def flipped(self, register: str, byte: int, name: str = "flipped") -> Path:
         """A copy of the snapshot with one byte of `register` inverted (MigrationStream.with_register)."""
-        from .migration import MigrationStreamError
+        from .migration.stream import MigrationStreamError
 
         out = self.workdir / f"{name}.mig"
         t0 = time.perf_counter()

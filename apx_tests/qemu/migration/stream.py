@@ -33,8 +33,8 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
-from ..xsave import Layout, XsaveImage, XsaveError, register as xsave_register
-from ..xsave.layout import (
+from ...xsave import Layout, XsaveImage, XsaveError, register as xsave_register
+from ...xsave.layout import (
     APX,
     AVX,
     BNDCSR,
