@@ -1,4 +1,4 @@
-"""apx_tests.qemu.migration: the migration-stream reader, on real QEMU streams.
+"""apx_tests.qemu.migration (stream, records, cpu_fields): the migration-stream reader, on real QEMU streams.
 
 Real streams are produced at test time: QEMU (microvm + qboot, paused with -S)
 gets register values either from gdb through the gdbstub, or from a tiny
@@ -39,12 +39,8 @@ from pathlib import Path
 
 import pytest
 
-from apx_tests.qemu.migration.stream import (
-    PAGE_NOT_SENT,
-    PAGE_ZERO,
-    MigrationStream,
-    MigrationStreamError,
-)
+from apx_tests.qemu.migration.records import PAGE_NOT_SENT, PAGE_ZERO, MigrationStreamError
+from apx_tests.qemu.migration.stream import MigrationStream
 from apx_tests.xsave import Layout, XsaveImage
 
 QEMU = shutil.which("qemu-system-x86_64")
