@@ -210,7 +210,7 @@ class CaseRunner:
 
     def _qemu_for(self, tag: str):
         from .qemu.binaries import pick
-        from .qemu.machine import QemuUnavailable
+        from .qemu.errors import QemuUnavailable
         binary = pick(self.qemus, tag)
         if binary is None:
             have = ", ".join(f"{b.version or '?'} ({b.path})" for b in self.qemus)

@@ -19,7 +19,9 @@ import pytest
 from apx_tests.guests import build, linux
 from apx_tests.kvm.system import kvm_flavour
 from apx_tests.qemu.linux_session import PROBE_TIMEOUT, choose_accel, probe_boot
-from apx_tests.qemu.machine import QemuUnavailable, find_qemu, kvm_usable, live_machines, our_temp_dirs
+from apx_tests.qemu.errors import QemuUnavailable
+from apx_tests.qemu.machine import live_machines
+from apx_tests.qemu.spec import find_qemu, kvm_usable, our_temp_dirs
 
 
 def _guest_or_skip():

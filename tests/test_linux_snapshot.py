@@ -31,7 +31,8 @@ from apx_tests.guests.linux import KernelUnavailable
 from apx_tests.qemu import linux_session
 from apx_tests.qemu.linux_session import (LinuxHolderRun, LinuxSessionError, Snapshot, StopPoint, flip_target,
                                           unavailable_reason)
-from apx_tests.qemu.machine import MachineSpec, QemuUnavailable, find_qemu, our_temp_dirs
+from apx_tests.qemu.errors import QemuUnavailable
+from apx_tests.qemu.spec import MachineSpec, find_qemu, our_temp_dirs
 from apx_tests.xsave import BANKS
 
 

@@ -32,8 +32,9 @@ from apx_tests.kvm.backend import RecordedKvmHost
 from apx_tests.qemu import binaries as qb
 from apx_tests.qemu.backend import QemuBackend, QemuHost
 from apx_tests.qemu.binaries import ApxFacts, ApxProbe, apx_reason
-from apx_tests.qemu.machine import (KVM_CPU_NO_ARCH_CAPABILITIES, QMP_QUIT, Machine, QemuError, kvm_usable,
-                                    live_machines, our_temp_dirs)
+from apx_tests.qemu.errors import QemuError
+from apx_tests.qemu.machine import Machine, live_machines
+from apx_tests.qemu.spec import KVM_CPU_NO_ARCH_CAPABILITIES, QMP_QUIT, kvm_usable, our_temp_dirs
 from apx_tests.qemu.migration.stream import MigrationStream
 from apx_tests.report.records import parse_case_label
 from apx_tests.scenarios import Run

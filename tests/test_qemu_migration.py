@@ -149,7 +149,7 @@ class Qemu:
         qmp_fd, gdb_fd = (s.fileno() for s in listeners)
         # -cpu host, without IA32_ARCH_CAPABILITIES where this QEMU's -cpu host aborts on
         # this machine's KVM ("failed to set MSR 0x10a"): decided by one start (kvm_cpu_model).
-        from apx_tests.qemu.machine import kvm_cpu_model
+        from apx_tests.qemu.spec import kvm_cpu_model
         cpu = "max" if accel == "tcg" else kvm_cpu_model(QEMU).cpu
         argv = [QEMU, "-machine", "microvm", "-nodefaults", "-display", "none", "-accel", accel, "-cpu", cpu,
                 "-m", "16", "-S", "-bios", QBOOT,
@@ -378,7 +378,8 @@ class RealCaptures:
 
     def _backend(self, accel: str):
         from apx_tests.qemu.backend import QemuBackend
-        from apx_tests.qemu.machine import QemuError, kvm_usable
+        from apx_tests.qemu.errors import QemuError
+        from apx_tests.qemu.spec import kvm_usable
         if accel not in self.backends and accel not in self.errors:
             why = kvm_usable() if accel == "kvm" else None
             if why is None:

@@ -48,8 +48,9 @@ from ..profiles import DEFAULT_PROFILE, PROFILES, CpuProfile
 from ..xsave import Bank, Layout, XsaveImage, narrower_names
 from ..xsave.layout import component_name
 from .binaries import ApxFacts, apx_probes, apx_reason, sibling_gdb
-from .machine import (TCG_CPU, Machine, MachineSpec, QemuError, QemuUnavailable, _private_tmp_root,
-                      describe_exit, find_qemu, kvm_cpu_model, kvm_usable, temp_prefix)
+from .errors import QemuError, QemuUnavailable
+from .machine import Machine, describe_exit
+from .spec import TCG_CPU, MachineSpec, _private_tmp_root, find_qemu, kvm_cpu_model, kvm_usable, temp_prefix
 
 TCG_NO_APX = "QEMU TCG does not emulate APX"
 GPR_VIEW_NAMES = tuple(f"r{n}" for n in ("ax", "bx", "cx", "dx", "si", "di", "sp", "bp")) + tuple(

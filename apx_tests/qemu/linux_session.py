@@ -54,8 +54,9 @@ from ..guests import linux
 from ..xsave import BANKS
 from ..xsave.diff import Difference, diff_registers
 from ..probe import find_qemu, parse_qemu_version
-from .machine import (Machine, MachineSpec, QemuError, _private_tmp_root, describe_exit, kvm_usable,
-                      temp_prefix)
+from .errors import QemuError
+from .machine import Machine, describe_exit
+from .spec import MachineSpec, _private_tmp_root, kvm_usable, temp_prefix
 
 LINUX_MACHINE = "microvm"  # default devices (serial, PIT, PIC, RTC): what linux.MACHINE_ARGS boots
 LINUX_MEMORY_MIB = 256  # linux.MEMORY
