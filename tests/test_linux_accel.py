@@ -16,7 +16,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from apx_tests.guests import build, linux
+from apx_tests.guests import build, linux_kernel
 from apx_tests.kvm.system import kvm_flavour
 from apx_tests.qemu.linux_session import PROBE_TIMEOUT, choose_accel, probe_boot
 from apx_tests.qemu.errors import QemuUnavailable
@@ -33,8 +33,8 @@ def _guest_or_skip():
     if not build.have_llvm_mc() or shutil.which("gcc") is None:
         pytest.skip("the Linux guest programs need llvm-mc >= 18 and gcc (ci/bootstrap installs them)")
     try:
-        return qemu, linux.find_kernel(fetch=False)
-    except linux.KernelUnavailable as exc:
+        return qemu, linux_kernel.find_kernel(fetch=False)
+    except linux_kernel.KernelUnavailable as exc:
         pytest.skip(str(exc))
 
 

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Mapping
 
 from ..backend import BackendError
-from ..guests import linux
+from ..guests import linux, linux_kernel, linux_programs
 from ..xsave import BANKS
 from ..xsave.diff import Difference, diff_registers
 from ..probe import find_qemu, parse_qemu_version
@@ -84,10 +84,10 @@ class LinuxSessionError(BackendError):
 def unavailable_reason(bank: str, accel: str = "tcg", *, qemu: str | None = None,
                        kernel: str | os.PathLike | None = None) -> str | None:
     """Why `bank` cannot be held by a Linux guest under `accel` here, or None. `qemu` and
-    `kernel` are what would run (default: as find_qemu / linux.find_kernel choose them):
+    `kernel` are what would run (default: as find_qemu / linux_kernel.find_kernel choose them):
     the reason names their versions."""
-    if bank not in linux.holder_banks():
-        return f"no Linux register holder for bank {bank!r} (have {', '.join(linux.holder_banks())})"
+    if bank not in linux_programs.holder_banks():
+        return f"no Linux register holder for bank {bank!r} (have {', '.join(linux_programs.holder_banks())})"
     if accel == "tcg":
         if bank == "apx":
             return tcg_no_apx_reason(qemu, kernel)
@@ -126,7 +126,7 @@ def choose_accel(qemu: str | None = None, kernel: str | os.PathLike | None = Non
     from ..kvm.system import kvm_flavour
     if kvm_flavour(sysfs) == "kvm_pvm":
         return AccelChoice("tcg", KVM_PVM_NO_LINUX)
-    return probe_kvm_boot(qemu, os.fspath(linux.find_kernel(kernel, fetch=False)), timeout)
+    return probe_kvm_boot(qemu, os.fspath(linux_kernel.find_kernel(kernel, fetch=False)), timeout)
 
 
 @functools.lru_cache(maxsize=8)
@@ -193,11 +193,11 @@ def _qemu_version(path: str, _mtime_ns: int, _size: int) -> str | None:
 def _guest_kernel_apx(kernel: str | os.PathLike | None) -> str:
     """'; ...' naming the guest kernel and its APX support, or '' when there is no kernel."""
     try:
-        path = linux.find_kernel(kernel, fetch=False)
-    except linux.KernelUnavailable:
+        path = linux_kernel.find_kernel(kernel, fetch=False)
+    except linux_kernel.KernelUnavailable:
         return ""  # nothing to name: the QEMU reason stands alone
-    release = linux.kernel_release(path)
-    knows = linux.kernel_knows_apx(path)
+    release = linux_kernel.kernel_release(path)
+    knows = linux_kernel.kernel_knows_apx(path)
     if knows is None:
         return f"; whether guest kernel {release} would enable XCR0[19] is unknown (its image cannot be unpacked here)"
     if knows:
@@ -487,7 +487,7 @@ class LinuxHolderRun:
             raise self._error("observe", f"HMP info registers lacks {', '.join(missing[:4])}"
                               f"{'...' if len(missing) > 4 else ''} (bank {self.bank})")
         self.kill_boot()
-        stages = (self.load, self.load % (linux.STAGES - 1) + 1) if self.ctx else (self.load,)
+        stages = (self.load, self.load % (linux_programs.STAGES - 1) + 1) if self.ctx else (self.load,)
         self.snap = Snapshot(path, self.bank, stages, stop, {"migration": stream_regs, "hmp": hmp_regs},
                              stream_rip, self.label)
         return self.snap

@@ -35,7 +35,7 @@ import pytest
 
 from apx_tests.cases import LINUX_BACKEND
 from apx_tests.guests import build, linux
-from apx_tests.guests.linux import KernelUnavailable
+from apx_tests.guests.linux_kernel import KernelUnavailable
 from apx_tests.plugin import apx_cpu_profile, apx_qemu, apx_skip_or_fail
 from apx_tests.profiles import PROFILES, exclusion
 from apx_tests.qemu.backend import QemuBackend, QemuHost
