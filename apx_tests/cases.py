@@ -29,7 +29,7 @@ from .guests.build import GuestBuildError, build_payload
 from .kvm.backend import KvmSession
 from .probe import BANK_ORDER
 from .profiles import DEFAULT_PROFILE
-from .qemu.backend import FEATURES as QEMU_FEATURES
+from .qemu.host import FEATURES as QEMU_FEATURES
 from .qemu.binaries import backend_label, parse_backend
 from .scenarios import SCENARIOS, Run, ScenarioFailure, ScenarioNotApplicable
 from .xsave import BANKS

@@ -30,7 +30,8 @@ from apx_tests.guests.build import build_payload
 from apx_tests.hostdesc import HostDescription
 from apx_tests.kvm.backend import RecordedKvmHost
 from apx_tests.qemu import binaries as qb
-from apx_tests.qemu.backend import QemuBackend, QemuHost
+from apx_tests.qemu.backend import QemuBackend
+from apx_tests.qemu.host import QemuHost
 from apx_tests.qemu.binaries import ApxFacts, ApxProbe, apx_reason
 from apx_tests.qemu.errors import QemuError
 from apx_tests.qemu.machine import Machine, live_machines

@@ -17,7 +17,7 @@ import pytest
 
 from apx_tests.guests import boot
 from apx_tests.guests.build import build_payload
-from apx_tests.qemu.backend import QemuHost
+from apx_tests.qemu.host import QemuHost
 from apx_tests.qemu.errors import QemuUnavailable
 from apx_tests.qemu.spec import MachineSpec, temp_prefix
 

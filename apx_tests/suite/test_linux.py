@@ -38,7 +38,8 @@ from apx_tests.guests import build, linux
 from apx_tests.guests.linux_kernel import KernelUnavailable
 from apx_tests.plugin import apx_cpu_profile, apx_qemu, apx_skip_or_fail
 from apx_tests.profiles import PROFILES, exclusion
-from apx_tests.qemu.backend import QemuBackend, QemuHost
+from apx_tests.qemu.backend import QemuBackend
+from apx_tests.qemu.host import QemuHost
 from apx_tests.qemu.linux_session import LinuxHolderRun, choose_accel, flip_target, unavailable_reason
 from apx_tests.qemu.errors import QemuUnavailable
 from apx_tests.qemu.spec import find_qemu
