@@ -1,4 +1,4 @@
-"""Which accelerator the Linux-guest cases boot under (apx_tests.qemu.linux_session.choose_accel),
+"""Which accelerator the Linux-guest cases boot under (apx_tests.qemu.linux_accel.choose_accel),
 and that the suite says which one ran.
 
 The choice is a check, not a constant: TCG where /dev/kvm does not open, TCG on kvm_pvm (the
@@ -18,7 +18,7 @@ import pytest
 
 from apx_tests.guests import build, linux_kernel
 from apx_tests.kvm.system import kvm_flavour
-from apx_tests.qemu.linux_session import PROBE_TIMEOUT, choose_accel, probe_boot
+from apx_tests.qemu.linux_accel import PROBE_TIMEOUT, choose_accel, probe_boot
 from apx_tests.qemu.errors import QemuUnavailable
 from apx_tests.qemu.machine import live_machines
 from apx_tests.qemu.spec import find_qemu, kvm_usable, our_temp_dirs

@@ -29,8 +29,8 @@ import pytest
 from apx_tests.guests import build, linux, linux_kernel, linux_programs
 from apx_tests.guests.linux_kernel import KernelUnavailable
 from apx_tests.qemu import linux_session
-from apx_tests.qemu.linux_session import (LinuxHolderRun, LinuxSessionError, Snapshot, StopPoint, flip_target,
-                                          unavailable_reason)
+from apx_tests.qemu.linux_accel import unavailable_reason
+from apx_tests.qemu.linux_session import LinuxHolderRun, LinuxSessionError, Snapshot, StopPoint, flip_target
 from apx_tests.qemu.errors import QemuUnavailable
 from apx_tests.qemu.spec import MachineSpec, find_qemu, our_temp_dirs
 from apx_tests.xsave import BANKS

@@ -14,7 +14,7 @@ Cases (ids as in the scenario matrix):
   report ``ok`` after the restore in a fresh QEMU.
 
 The accelerator is chosen once per session from a check of this host
-(linux_session.choose_accel: KVM where a probe boot of the guest kernel under -accel kvm
+(linux_accel.choose_accel: KVM where a probe boot of the guest kernel under -accel kvm
 reaches /init; TCG where /dev/kvm is unusable, where KVM is kvm_pvm, which boots no stock
 kernel, or where the probe fails).  Each case records it as the JUnit properties
 ``apx.accel`` (kvm or tcg) and ``apx.accel.why``; the ids keep the backend name
@@ -40,7 +40,8 @@ from apx_tests.plugin import apx_cpu_profile, apx_qemu, apx_skip_or_fail
 from apx_tests.profiles import PROFILES, exclusion
 from apx_tests.qemu.backend import QemuBackend
 from apx_tests.qemu.host import QemuHost
-from apx_tests.qemu.linux_session import LinuxHolderRun, choose_accel, flip_target, unavailable_reason
+from apx_tests.qemu.linux_accel import choose_accel, unavailable_reason
+from apx_tests.qemu.linux_session import LinuxHolderRun, flip_target
 from apx_tests.qemu.errors import QemuUnavailable
 from apx_tests.qemu.spec import find_qemu
 from apx_tests.xsave import BANKS
