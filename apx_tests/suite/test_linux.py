@@ -34,7 +34,7 @@ import shutil
 import pytest
 
 from apx_tests.cases import LINUX_BACKEND
-from apx_tests.guests import build, linux
+from apx_tests.guests import build, linux, linux_kernel
 from apx_tests.guests.linux_kernel import KernelUnavailable
 from apx_tests.plugin import apx_cpu_profile, apx_qemu, apx_skip_or_fail
 from apx_tests.profiles import PROFILES, exclusion
@@ -67,7 +67,7 @@ def linux_env(pytestconfig):
     if not build.have_llvm_mc() or shutil.which("gcc") is None:
         pytest.skip("the Linux guest programs need llvm-mc >= 18 and gcc (ci/bootstrap installs them)")
     try:
-        kernel = linux.find_kernel(fetch=False)
+        kernel = linux_kernel.find_kernel(fetch=False)
     except KernelUnavailable as exc:
         pytest.skip(str(exc))
     choice = choose_accel(qemu, kernel)  # remembered for the session (no probe boot on kvm_pvm)
@@ -91,8 +91,8 @@ def linux_env(pytestconfig):
 
 def _kernel_apx(bank: str, kernel) -> str | None:
     """Under KVM the CPU may have APX; the guest kernel must enable XCR0[19] too."""
-    if bank == "apx" and linux.kernel_knows_apx(kernel) is False:
-        return (f"guest kernel {linux.kernel_release(kernel)} has no APX state support (no XSAVE component 19 "
+    if bank == "apx" and linux_kernel.kernel_knows_apx(kernel) is False:
+        return (f"guest kernel {linux_kernel.kernel_release(kernel)} has no APX state support (no XSAVE component 19 "
                 f"in its xfeature names), so it would not enable XCR0[19]")
     return None
 
