@@ -29,7 +29,7 @@ from .guests.build import GuestBuildError, build_payload
 from .kvm.backend import KvmSession
 from .probe import BANK_ORDER
 from .profiles import DEFAULT_PROFILE
-from .qemu.backend import FEATURES as QEMU_FEATURES
+from .qemu.host import FEATURES as QEMU_FEATURES
 from .qemu.binaries import backend_label, parse_backend
 from .scenarios import SCENARIOS, Run, ScenarioFailure, ScenarioNotApplicable
 from .xsave import BANKS
@@ -210,7 +210,7 @@ class CaseRunner:
 
     def _qemu_for(self, tag: str):
         from .qemu.binaries import pick
-        from .qemu.machine import QemuUnavailable
+        from .qemu.errors import QemuUnavailable
         binary = pick(self.qemus, tag)
         if binary is None:
             have = ", ".join(f"{b.version or '?'} ({b.path})" for b in self.qemus)

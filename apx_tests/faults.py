@@ -276,7 +276,7 @@ class StreamFlip(Fault):
     fresh QEMU restores: a snapshot (fresh_vm) or the patched stream of an import."""
 
     def flip(self, session, path: str) -> None:
-        from .qemu.migration import MigrationStream, MigrationStreamError
+        from .qemu.migration.stream import MigrationStream, MigrationStreamError
         reg, byte = target(session.bank)
         try:
             stream = MigrationStream.open(path)

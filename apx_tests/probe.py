@@ -519,7 +519,7 @@ def probe_qemus(qemu=None, kvm: KvmFacts | None = None, cpu: CpuFacts | None = N
 def _qemu_measurements(facts: QemuFacts, kvm: KvmFacts | None, cpu: CpuFacts | None,
                        gdb: ToolFacts | None) -> None:
     from .qemu.binaries import ApxFacts, apx_probes, apx_reason, kvm_cpu_model, sibling_gdb
-    from .qemu.machine import QemuError
+    from .qemu.errors import QemuError
     try:
         choice = kvm_cpu_model(facts.path)
         facts.kvm_cpu, facts.kvm_cpu_why = choice.cpu, choice.why

@@ -26,7 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from apx_tests.cli import main
-from apx_tests.qemu.migration import MigrationStream, MigrationStreamError
+from apx_tests.qemu.migration.stream import MigrationStream, MigrationStreamError
 from apx_tests.xsave import BANKS, Layout, XsaveImage
 
 APX = Layout.reference("intel-apx")
@@ -157,7 +157,7 @@ def stream_bytes():
     """A real QEMU (TCG) stream of a guest with the ymm bank loaded."""
     from apx_tests.guests.build import build_payload
     from apx_tests.qemu.backend import QemuBackend
-    from apx_tests.qemu.machine import QemuUnavailable
+    from apx_tests.qemu.errors import QemuUnavailable
     from apx_tests.scenarios import Run
     from apx_tests.scenarios.engine import LOADED, load_bank
 

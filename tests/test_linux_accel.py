@@ -1,4 +1,4 @@
-"""Which accelerator the Linux-guest cases boot under (apx_tests.qemu.linux_session.choose_accel),
+"""Which accelerator the Linux-guest cases boot under (apx_tests.qemu.linux_accel.choose_accel),
 and that the suite says which one ran.
 
 The choice is a check, not a constant: TCG where /dev/kvm does not open, TCG on kvm_pvm (the
@@ -16,10 +16,12 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from apx_tests.guests import build, linux
+from apx_tests.guests import build, linux_kernel
 from apx_tests.kvm.system import kvm_flavour
-from apx_tests.qemu.linux_session import PROBE_TIMEOUT, choose_accel, probe_boot
-from apx_tests.qemu.machine import QemuUnavailable, find_qemu, kvm_usable, live_machines, our_temp_dirs
+from apx_tests.qemu.linux_accel import PROBE_TIMEOUT, choose_accel, probe_boot
+from apx_tests.qemu.errors import QemuUnavailable
+from apx_tests.qemu.machine import live_machines
+from apx_tests.qemu.spec import find_qemu, kvm_usable, our_temp_dirs
 
 
 def _guest_or_skip():
@@ -31,8 +33,8 @@ def _guest_or_skip():
     if not build.have_llvm_mc() or shutil.which("gcc") is None:
         pytest.skip("the Linux guest programs need llvm-mc >= 18 and gcc (ci/bootstrap installs them)")
     try:
-        return qemu, linux.find_kernel(fetch=False)
-    except linux.KernelUnavailable as exc:
+        return qemu, linux_kernel.find_kernel(fetch=False)
+    except linux_kernel.KernelUnavailable as exc:
         pytest.skip(str(exc))
 
 

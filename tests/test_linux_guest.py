@@ -1,7 +1,7 @@
-"""Linux guests (apx_tests.guests.linux): the initramfs writer, the generated pattern
-header, the register holder (natively and its disassembly), the kernel lookup and fetch
-(with fake apt tools), one-line errors, and real boots of the Debian cloud kernel under
-QEMU TCG -cpu max:
+"""Linux guests (apx_tests.guests.linux, linux_kernel, linux_programs, initramfs): the
+initramfs writer, the generated pattern header, the register holder (natively and its
+disassembly), the kernel lookup and fetch (with fake apt tools), one-line errors, and
+real boots of the Debian cloud kernel under QEMU TCG -cpu max:
 
 - boot 1 runs holders xmm, ymm, x87, the ymm context-switch pair, apx (skips: TCG has no
   APX) and a holder with a deliberately wrong expected table, pauses the VM with QMP
@@ -30,9 +30,9 @@ from pathlib import Path
 
 import pytest
 
-from apx_tests.guests import build, elf, linux
+from apx_tests.guests import build, elf, initramfs, linux, linux_kernel, linux_programs
 from apx_tests.guests.build import GuestBuildError
-from apx_tests.guests.linux import KernelUnavailable
+from apx_tests.guests.linux_kernel import KernelUnavailable
 from apx_tests.xsave.banks import BANKS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,10 +53,10 @@ def test_initramfs_round_trip_and_layout(tmp_path):
     exe = tmp_path / "prog"
     exe.write_bytes(b"\x7fELF-ish")
     exe.chmod(0o755)
-    out = linux.build_initramfs({"/init": exe, "etc/deep/motd": b"hello\n",
-                                 "bin/tool": linux.File(b"#!/bin/sh\n", 0o700)}, tmp_path / "a.cpio")
+    out = initramfs.build_initramfs({"/init": exe, "etc/deep/motd": b"hello\n",
+                                 "bin/tool": initramfs.File(b"#!/bin/sh\n", 0o700)}, tmp_path / "a.cpio")
     data = out.read_bytes()
-    entries = linux.read_initramfs(data)
+    entries = initramfs.read_initramfs(data)
     assert list(entries) == sorted(entries), "parents must come before children"
     assert entries["init"].data == b"\x7fELF-ish" and entries["init"].mode == 0o100755
     assert entries["etc/deep/motd"].mode == 0o100644 and entries["etc/deep/motd"].data == b"hello\n"
@@ -79,14 +79,14 @@ def test_initramfs_round_trip_and_layout(tmp_path):
         pos += -pos % 4 + filesize
         pos += -pos % 4
     # Reproducible, and gzip holds the same archive.
-    again = linux.build_initramfs({"/init": exe, "etc/deep/motd": b"hello\n",
-                                   "bin/tool": linux.File(b"#!/bin/sh\n", 0o700)}, tmp_path / "b.cpio")
+    again = initramfs.build_initramfs({"/init": exe, "etc/deep/motd": b"hello\n",
+                                   "bin/tool": initramfs.File(b"#!/bin/sh\n", 0o700)}, tmp_path / "b.cpio")
     assert again.read_bytes() == data
-    packed = linux.build_initramfs({"/init": exe, "etc/deep/motd": b"hello\n",
-                                    "bin/tool": linux.File(b"#!/bin/sh\n", 0o700)}, tmp_path / "c.cpio.gz",
+    packed = initramfs.build_initramfs({"/init": exe, "etc/deep/motd": b"hello\n",
+                                    "bin/tool": initramfs.File(b"#!/bin/sh\n", 0o700)}, tmp_path / "c.cpio.gz",
                                    compress=True)
     assert gzip.decompress(packed.read_bytes()) == data
-    assert linux.read_initramfs(packed.read_bytes()).keys() == entries.keys()
+    assert initramfs.read_initramfs(packed.read_bytes()).keys() == entries.keys()
 
 
 @pytest.mark.parametrize("files, message", [
@@ -96,12 +96,12 @@ def test_initramfs_round_trip_and_layout(tmp_path):
 ])
 def test_initramfs_rejects_bad_paths(tmp_path, files, message):
     with pytest.raises(ValueError, match=re.escape(message)):
-        linux.build_initramfs(files, tmp_path / "x.cpio")
+        initramfs.build_initramfs(files, tmp_path / "x.cpio")
 
 
 def test_initramfs_unreadable_file_is_one_line(tmp_path):
     with pytest.raises(GuestBuildError) as err:
-        linux.build_initramfs({"init": tmp_path / "missing"}, tmp_path / "x.cpio")
+        initramfs.build_initramfs({"init": tmp_path / "missing"}, tmp_path / "x.cpio")
     assert str(err.value) == f"initramfs init: cannot read {tmp_path / 'missing'}: No such file or directory"
 
 
@@ -110,7 +110,7 @@ def test_c_and_python_agree_on_the_shared_constants():
     define = dict(re.findall(r'^#define (\w+) (.+?)(?: /\*.*)?$', init, re.M))
     assert define["DEFAULT_RUN"] == json.dumps(",".join(linux.DEFAULT_RUN))
     assert define["RELEASE_LINE"] == json.dumps(linux.RELEASE_LINE)
-    assert int(define["MAX_STAGE"]) == linux.STAGES - 1
+    assert int(define["MAX_STAGE"]) == linux_programs.STAGES - 1
     assert 'say("# apx-init: done pass=' in init and linux.DONE_PREFIX == "# apx-init: done"
     assert "power_off(count[FAIL] ? 2 : 1" in init and (linux.EXIT_STATUS_PASS, linux.EXIT_STATUS_FAIL) == (1, 2)
     hold = (REPO / "guests/linux/hold.S").read_text()
@@ -133,13 +133,13 @@ def _header_arrays(text: str) -> dict[str, bytes]:
 
 
 def test_holder_header_carries_the_xsave_patterns():
-    banks = linux.holder_banks()
+    banks = linux_programs.holder_banks()
     assert set(banks) >= {"apx", "xmm", "ymm", "x87", "opmask", "zmm_hi256", "hi16_zmm"}
-    text = linux.holder_header(banks)
+    text = linux_programs.holder_header(banks)
     arrays = _header_arrays(text)
     for name in banks:
         bank = BANKS[name]
-        want = b"".join(bank.pack(bank.pattern(stage)) for stage in range(linux.STAGES))
+        want = b"".join(bank.pack(bank.pattern(stage)) for stage in range(linux_programs.STAGES))
         assert arrays[f"apx_load_{name}"] == want, name
         assert f'"{bank.names[0]}"' in text and f"{bank.xcr0_mask:#x}ULL" in text
     assert "apx_expect_" not in text  # expected = loaded unless asked otherwise
@@ -147,12 +147,12 @@ def test_holder_header_carries_the_xsave_patterns():
 
 
 def test_wrong_expect_inverts_exactly_one_byte_per_stage():
-    arrays = _header_arrays(linux.holder_header(["xmm", "ymm"], WRONG))
+    arrays = _header_arrays(linux_programs.holder_header(["xmm", "ymm"], WRONG))
     load, expect = arrays["apx_load_ymm"], arrays["apx_expect_ymm"]
     bank = BANKS["ymm"]
     offset = bank.names.index(WRONG[0]) * 32 + WRONG[1]
     diffs = [i for i in range(len(load)) if load[i] != expect[i]]
-    assert diffs == [stage * bank.size + offset for stage in range(linux.STAGES)]
+    assert diffs == [stage * bank.size + offset for stage in range(linux_programs.STAGES)]
     assert all(expect[i] == load[i] ^ 0xFF for i in diffs)
     assert "apx_expect_xmm" not in arrays
 
@@ -163,7 +163,7 @@ def test_wrong_expect_inverts_exactly_one_byte_per_stage():
 ])
 def test_wrong_expect_is_checked(wrong, message):
     with pytest.raises(GuestBuildError) as err:
-        linux.holder_header(["xmm", "ymm"], wrong)
+        linux_programs.holder_header(["xmm", "ymm"], wrong)
     assert str(err.value) == message
 
 
@@ -177,7 +177,7 @@ SPIN_REGISTERS = {"rax", "eax", "rcx", "rdx", "edx", "rsi", "esi", "rdi", "edi",
 @needs_toolchain
 @pytest.mark.parametrize("bank", ["apx", "hi16_zmm", "zmm_hi256", "opmask", "ymm", "xmm", "x87"])
 def test_hold_function_keeps_the_bank_untouched_while_it_spins(tmp_path, bank):
-    obj = linux._assemble_hold(build.find_llvm_mc(), bank, tmp_path)
+    obj = linux_programs._assemble_hold(build.find_llvm_mc(), bank, tmp_path)
     sections = elf.read_sections(obj.read_bytes())
     assert not any(s.is_relocation for s in sections), "the hold function must not need relocations"
     code = next(s.data for s in sections if s.name == ".text")
@@ -222,7 +222,7 @@ def test_hold_function_keeps_the_bank_untouched_while_it_spins(tmp_path, bank):
 def holders():
     if not (build.have_llvm_mc() and shutil.which("gcc")):
         pytest.skip("needs llvm-mc >= 18 and gcc (ci/bootstrap installs them)")
-    return linux.build_holder(), linux.build_holder(wrong_expect=WRONG)
+    return linux_programs.build_holder(), linux_programs.build_holder(wrong_expect=WRONG)
 
 
 def _hold(holder, *args, timeout=30):
@@ -299,20 +299,20 @@ def test_holder_usage_errors(holders, args, message):
 
 @needs_toolchain
 def test_builds_are_cached_static_and_follow_their_sources(tmp_path, monkeypatch):
-    init = linux.build_init()
-    assert linux.build_init() == init  # cached: same path
-    assert init.parent == linux.build_cache_dir()
+    init = linux_programs.build_init()
+    assert linux_programs.build_init() == init  # cached: same path
+    assert init.parent == linux_programs.build_cache_dir()
     out = subprocess.run(["file", str(init)], capture_output=True, text=True).stdout if shutil.which("file") else ""
     if out:
         assert "statically linked" in out
     # A changed wrong_expect is a different holder.
-    assert linux.build_holder(wrong_expect=("ymm1", 0)) != linux.build_holder(wrong_expect=WRONG)
+    assert linux_programs.build_holder(wrong_expect=("ymm1", 0)) != linux_programs.build_holder(wrong_expect=WRONG)
 
 
 def test_missing_compiler_is_one_line(monkeypatch):
     monkeypatch.setenv("APX_CC", "/nonexistent/gcc")
     with pytest.raises(GuestBuildError) as err:
-        linux.build_init()
+        linux_programs.build_init()
     assert str(err.value) == ("APX_CC=/nonexistent/gcc not found (install gcc and libc6-dev); "
                               "needed to build the Linux guest programs")
 
@@ -322,7 +322,7 @@ def test_missing_assembler_is_one_line(monkeypatch):
         pytest.skip("needs gcc")
     monkeypatch.setenv("APX_LLVM_MC", "/nonexistent/llvm-mc")
     with pytest.raises(GuestBuildError) as err:
-        linux.build_holder()
+        linux_programs.build_holder()
     assert str(err.value) == ("APX_LLVM_MC=/nonexistent/llvm-mc is not a runnable llvm-mc; llvm-mc ≥ 18 needed to "
                               "assemble the Linux register holder (guests/linux/hold.S)")
 
@@ -335,13 +335,13 @@ def test_compile_error_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("APX_GUESTS_DIR", str(fake))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     with pytest.raises(GuestBuildError) as err:
-        linux.build_init()
+        linux_programs.build_init()
     message = str(err.value)
     assert "\n" not in message and "init.c:1:" in message and "error:" in message and "nope" in message
     hold = fake / "linux" / "hold.S"
     hold.write_text(hold.read_text().replace("    pause\n", "    paws\n"))
     with pytest.raises(GuestBuildError) as err:
-        linux.build_holder(["ymm"])
+        linux_programs.build_holder(["ymm"])
     assert re.fullmatch(r"guests/payload/ymm\.S:\d+: error: invalid instruction mnemonic 'paws' "
                         r"\(in macro expansion: paws\)", str(err.value))
 
@@ -360,15 +360,15 @@ def test_explicit_kernel_wins_and_is_checked(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     k = _fake_bzimage(tmp_path / "bz")
     monkeypatch.setenv("APX_KERNEL", str(k))
-    assert linux.find_kernel() == k
-    assert linux.find_kernel(tmp_path / "bz") == k
+    assert linux_kernel.find_kernel() == k
+    assert linux_kernel.find_kernel(tmp_path / "bz") == k
     with pytest.raises(KernelUnavailable) as err:
-        linux.find_kernel(tmp_path / "nope")
+        linux_kernel.find_kernel(tmp_path / "nope")
     assert str(err.value) == f"kernel {tmp_path / 'nope'} (from --apx-kernel) is not a file"
     (tmp_path / "junk").write_bytes(b"not a kernel")
     monkeypatch.setenv("APX_KERNEL", str(tmp_path / "junk"))
     with pytest.raises(KernelUnavailable) as err:
-        linux.find_kernel()
+        linux_kernel.find_kernel()
     assert str(err.value) == f"kernel {tmp_path / 'junk'} is neither a bzImage nor an ELF vmlinux"
 
 
@@ -376,16 +376,16 @@ def test_cache_picks_the_newest_and_empty_cache_says_what_to_do(tmp_path, monkey
     monkeypatch.delenv("APX_KERNEL", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     with pytest.raises(KernelUnavailable) as err:
-        linux.find_kernel(fetch=False)
+        linux_kernel.find_kernel(fetch=False)
     assert str(err.value) == (f"no Linux guest kernel: none cached in {tmp_path}/apx_tests/kernel "
                               "(run ci/bootstrap, or set APX_KERNEL / --apx-kernel)")
-    d = linux.kernel_cache_dir()
+    d = linux_kernel.kernel_cache_dir()
     d.mkdir(parents=True)
     for v in ("6.1.0-9-cloud-amd64", "6.1.0-56-cloud-amd64", "6.1.0-10-cloud-amd64"):
         _fake_bzimage(d / f"vmlinuz-{v}")
     (d / "config-6.1.0-99-cloud-amd64").write_text("")
     (d / "vmlinuz-6.1.0-99-cloud-amd64x7q3.tmp").write_text("")  # an interrupted write
-    assert linux.find_kernel(fetch=False).name == "vmlinuz-6.1.0-56-cloud-amd64"
+    assert linux_kernel.find_kernel(fetch=False).name == "vmlinuz-6.1.0-56-cloud-amd64"
 
 
 FAKE_APT_CACHE = """#!/bin/sh
@@ -431,8 +431,8 @@ def fake_apt(tmp_path, monkeypatch):
 
 
 def test_fetch_downloads_the_package_the_meta_package_names(fake_apt):
-    assert linux.kernel_package() == "linux-image-9.9.9-1-cloud-amd64"
-    kernel = linux.find_kernel()
+    assert linux_kernel.kernel_package() == "linux-image-9.9.9-1-cloud-amd64"
+    kernel = linux_kernel.find_kernel()
     assert kernel == fake_apt / "cache/apx_tests/kernel/vmlinuz-9.9.9-1-cloud-amd64"
     assert kernel.read_bytes()[0x202:0x206] == b"HdrS"
     assert (kernel.parent / "config-9.9.9-1-cloud-amd64").read_text() == "CONFIG_PVH=y\n"
@@ -440,21 +440,21 @@ def test_fetch_downloads_the_package_the_meta_package_names(fake_apt):
                                                                "vmlinuz-9.9.9-1-cloud-amd64"]
     assert (fake_apt / "apt.log").read_text().split()[-1] == "linux-image-9.9.9-1-cloud-amd64"
     os.unlink(fake_apt / "apt.log")
-    assert linux.find_kernel() == kernel and not (fake_apt / "apt.log").exists()  # cached: no apt
+    assert linux_kernel.find_kernel() == kernel and not (fake_apt / "apt.log").exists()  # cached: no apt
 
 
 def test_fetch_failures_are_one_line(fake_apt, monkeypatch):
     monkeypatch.setenv("FAKE_APT_FAIL", "1")
     with pytest.raises(KernelUnavailable) as err:
-        linux.find_kernel()
+        linux_kernel.find_kernel()
     assert str(err.value) == "cannot resolve linux-image-cloud-amd64 with apt-cache: E: No packages found"
     with pytest.raises(KernelUnavailable) as err:
-        linux.fetch_kernel("linux-image-9.9.9-1-cloud-amd64")
+        linux_kernel.fetch_kernel("linux-image-9.9.9-1-cloud-amd64")
     assert str(err.value) == ("cannot download linux-image-9.9.9-1-cloud-amd64 with apt-get: "
                               "E: Unable to locate package linux-image-9.9.9-1-cloud-amd64")
     monkeypatch.setenv("PATH", str(fake_apt / "nothing"))
     with pytest.raises(KernelUnavailable) as err:
-        linux.find_kernel()
+        linux_kernel.find_kernel()
     assert str(err.value) == ("cannot resolve linux-image-cloud-amd64: apt-cache not found (not a Debian system? "
                               "set APX_KERNEL or --apx-kernel to a bzImage)")
 
@@ -470,8 +470,8 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
 
 
 def test_pvh_kernel_of_a_non_kernel_is_none(tmp_path):
-    assert linux.pvh_kernel(_fake_bzimage(tmp_path / "bz")) is None  # no payload to unpack
-    assert linux.pvh_kernel(tmp_path / "missing") is None
+    assert linux_kernel.pvh_kernel(_fake_bzimage(tmp_path / "bz")) is None  # no payload to unpack
+    assert linux_kernel.pvh_kernel(tmp_path / "missing") is None
 
 
 # --- command line and console parsing --------------------------------------------------------
@@ -615,7 +615,7 @@ def kernel():
     if not (build.have_llvm_mc() and shutil.which("gcc")):
         pytest.skip("needs llvm-mc >= 18 and gcc (ci/bootstrap installs them)")
     try:
-        return linux.find_kernel(fetch=False)
+        return linux_kernel.find_kernel(fetch=False)
     except KernelUnavailable as exc:
         pytest.skip(str(exc))
 
@@ -641,7 +641,7 @@ def boot1(kernel, private_dir):
     """xmm, ymm, x87, ctx-ymm, apx (skips), ymm with a wrong table; QMP stop during xmm."""
     workdir = _boot_dir(private_dir, "boot1")
     assert stat.S_IMODE(private_dir.stat().st_mode) == 0o700
-    wrong = linux.build_holder(wrong_expect=WRONG)
+    wrong = linux_programs.build_holder(wrong_expect=WRONG)
     guest = linux.linux_guest(workdir, ["xmm", "ymm", "x87", "ctx-ymm", "apx", "ymm@apx-holder-wrong"],
                               kernel=kernel, extra_holders={"apx-holder-wrong": wrong}, spin_ms=SPIN_MS,
                               exit_port=0xF4)

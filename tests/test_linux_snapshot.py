@@ -26,12 +26,13 @@ from pathlib import Path
 
 import pytest
 
-from apx_tests.guests import build, linux
-from apx_tests.guests.linux import KernelUnavailable
+from apx_tests.guests import build, linux, linux_kernel, linux_programs
+from apx_tests.guests.linux_kernel import KernelUnavailable
 from apx_tests.qemu import linux_session
-from apx_tests.qemu.linux_session import (LinuxHolderRun, LinuxSessionError, Snapshot, StopPoint, flip_target,
-                                          unavailable_reason)
-from apx_tests.qemu.machine import MachineSpec, QemuUnavailable, find_qemu, our_temp_dirs
+from apx_tests.qemu.linux_accel import unavailable_reason
+from apx_tests.qemu.linux_session import LinuxHolderRun, LinuxSessionError, Snapshot, StopPoint, flip_target
+from apx_tests.qemu.errors import QemuUnavailable
+from apx_tests.qemu.spec import MachineSpec, find_qemu, our_temp_dirs
 from apx_tests.xsave import BANKS
 
 
@@ -79,8 +80,8 @@ def test_the_apx_reason_names_the_qemu_and_kernel_that_would_run(tmp_path, monke
     names = b"AVX-512 opmask\0AMX Tile data\0" + (b"APX registers\0" if knows_apx else b"")
     kernel = _fake_bzimage(tmp_path / "vmlinuz-fake", "7.3.0-1-cloud-amd64", b"\0" * 4096 + names)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    assert linux.kernel_release(kernel) == "7.3.0-1-cloud-amd64"
-    assert linux.kernel_knows_apx(kernel) is knows_apx
+    assert linux_kernel.kernel_release(kernel) == "7.3.0-1-cloud-amd64"
+    assert linux_kernel.kernel_knows_apx(kernel) is knows_apx
     why = unavailable_reason("apx", "tcg", qemu=str(qemu), kernel=kernel)
     assert why.startswith("QEMU 99.7.3 TCG does not emulate APX (-cpu max has no APX_F")
     if knows_apx:
@@ -92,7 +93,7 @@ def test_the_apx_reason_names_the_qemu_and_kernel_that_would_run(tmp_path, monke
     # What the image cannot tell is said as unknown, not guessed.
     unpackable = tmp_path / "vmlinuz-7.4.0"
     unpackable.write_bytes(kernel.read_bytes()[:1024] + b"not a compressed payload")
-    assert linux.kernel_knows_apx(unpackable) is None
+    assert linux_kernel.kernel_knows_apx(unpackable) is None
     assert "whether guest kernel 7.3.0-1-cloud-amd64 would enable XCR0[19] is unknown" in \
         unavailable_reason("apx", "tcg", qemu=str(qemu), kernel=unpackable)
     # No QEMU: the reason says so instead of a version.
@@ -102,7 +103,7 @@ def test_the_apx_reason_names_the_qemu_and_kernel_that_would_run(tmp_path, monke
 
 def test_flip_targets_are_inside_their_registers():
     assert flip_target("ymm") == ("ymm13", 21)
-    for bank in linux.holder_banks():
+    for bank in linux_programs.holder_banks():
         name, byte = flip_target(bank)
         assert name in BANKS[bank].names and 0 <= byte < BANKS[bank].register(name).width
 
@@ -162,7 +163,7 @@ def env():
     if not (build.have_llvm_mc() and shutil.which("gcc")):
         pytest.skip("needs llvm-mc >= 18 and gcc (ci/bootstrap installs them)")
     try:
-        kernel = linux.find_kernel(fetch=False)
+        kernel = linux_kernel.find_kernel(fetch=False)
     except KernelUnavailable as exc:
         pytest.skip(str(exc))
     return {"qemu": qemu, "kernel": kernel}

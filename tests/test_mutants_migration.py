@@ -1,4 +1,4 @@
-"""apx_tests.qemu.migration's CPU field mapping: self-tests that ci/mutation showed
+"""apx_tests.qemu.migration.cpu_fields (the CPU field mapping): self-tests that ci/mutation showed
 missing (docs/mutation.md).
 
 Real streams come from this host's QEMU (tcg and kvm): one boot of a tiny long-mode guest
@@ -42,10 +42,7 @@ from test_qemu_migration import (  # the QEMU driver, the guest image and the st
     _zmm_array,
 )
 
-from apx_tests.qemu.migration import (
-    Leaf,
-    MigrationStream,
-    MigrationStreamError,
+from apx_tests.qemu.migration.cpu_fields import (
     _int_pieces,
     _lane_hint,
     _Piece,
@@ -53,6 +50,8 @@ from apx_tests.qemu.migration import (
     _xstate_mask_of,
     _zmm_q_index,
 )
+from apx_tests.qemu.migration.records import Leaf, MigrationStreamError
+from apx_tests.qemu.migration.stream import MigrationStream
 from apx_tests.xsave import Layout
 
 SKX_MPX = Layout.reference("intel-skx-mpx")

@@ -30,11 +30,13 @@ from apx_tests.guests.build import build_payload
 from apx_tests.hostdesc import HostDescription
 from apx_tests.kvm.backend import RecordedKvmHost
 from apx_tests.qemu import binaries as qb
-from apx_tests.qemu.backend import QemuBackend, QemuHost
+from apx_tests.qemu.backend import QemuBackend
+from apx_tests.qemu.host import QemuHost
 from apx_tests.qemu.binaries import ApxFacts, ApxProbe, apx_reason
-from apx_tests.qemu.machine import (KVM_CPU_NO_ARCH_CAPABILITIES, QMP_QUIT, Machine, QemuError, kvm_usable,
-                                    live_machines, our_temp_dirs)
-from apx_tests.qemu.migration import MigrationStream
+from apx_tests.qemu.errors import QemuError
+from apx_tests.qemu.machine import Machine, live_machines
+from apx_tests.qemu.spec import KVM_CPU_NO_ARCH_CAPABILITIES, QMP_QUIT, kvm_usable, our_temp_dirs
+from apx_tests.qemu.migration.stream import MigrationStream
 from apx_tests.report.records import parse_case_label
 from apx_tests.scenarios import Run
 from apx_tests.scenarios.engine import LOADED, load_bank
@@ -355,7 +357,7 @@ def test_reader_takes_r16_r31_from_cpu_apx_in_a_qemu11_stream(streams, qemu11, a
     assert [int.from_bytes(image.read(f"r{16 + i}"), "little") for i in range(16)] == APX_VALUES
     # Everything QEMU 11 wrote is still read the same way (the guest's ymm bank); the
     # guest's own layout has no room for APX, which the reader says rather than drop it.
-    from apx_tests.qemu.migration import MigrationStreamError
+    from apx_tests.qemu.migration.stream import MigrationStreamError
     with pytest.raises(MigrationStreamError, match=r"component 19 \(apx\) has no place in the layout"):
         cpu.to_xsave(layout)
     assert {n: cpu.to_xsave(layout, strict=False).read(n) for n in pattern} == pattern

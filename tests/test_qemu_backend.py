@@ -18,15 +18,16 @@ from apx_tests.probe import BANK_ORDER
 from apx_tests.guests.build import build_payload
 from apx_tests.qemu import machine as qm
 from apx_tests.qemu.backend import QemuBackend, QemuSession
-from apx_tests.qemu.machine import QemuUnavailable, our_temp_dirs
-from apx_tests.qemu.migration import MigrationStream
+from apx_tests.qemu.errors import QemuUnavailable
+from apx_tests.qemu.spec import kvm_usable, our_temp_dirs
+from apx_tests.qemu.migration.stream import MigrationStream
 from apx_tests.scenarios import SCENARIOS, Run, ScenarioFailure, ScenarioNotApplicable
 from apx_tests.scenarios.engine import LOADED, load_bank
 from apx_tests.xsave import BANKS, diff_registers
 
 SYSTEM_QEMU = shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
-ACCELS = ["tcg", pytest.param("kvm", marks=pytest.mark.skipif(qm.kvm_usable() is not None,
-                                                               reason=f"KVM: {qm.kvm_usable()}"))]
+ACCELS = ["tcg", pytest.param("kvm", marks=pytest.mark.skipif(kvm_usable() is not None,
+                                                               reason=f"KVM: {kvm_usable()}"))]
 # Every stand-in bank; a test on a bank this host's QEMU cannot run skips with the
 # backend's own reason (backend.unavailable_reason: the guest's XCR0 under this
 # accelerator), so an AVX-512 host exercises zmm/opmask too and this one says why not.

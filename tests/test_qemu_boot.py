@@ -14,7 +14,9 @@ import pytest
 
 from apx_tests.guests import boot, build, protocol
 from apx_tests.guests.build import build_payload
-from apx_tests.qemu.machine import Machine, MachineSpec, QemuError, QemuUnavailable, kvm_usable
+from apx_tests.qemu.errors import QemuError, QemuUnavailable
+from apx_tests.qemu.machine import Machine
+from apx_tests.qemu.spec import MachineSpec, kvm_usable
 from apx_tests.xsave import BANKS
 
 ACCELS = ["tcg", pytest.param("kvm", marks=pytest.mark.skipif(kvm_usable() is not None,

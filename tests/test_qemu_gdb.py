@@ -41,8 +41,8 @@ GDB = shutil.which("gdb")
 def _kvm_cpu() -> str:
     """`-cpu host`, or `host,-arch-capabilities` where this QEMU's -cpu host aborts here
     ("failed to set MSR 0x10a", IA32_ARCH_CAPABILITIES: QEMU 10 on this machine's nested
-    PVM KVM); decided by one start of this QEMU (apx_tests.qemu.machine.kvm_cpu_model)."""
-    from apx_tests.qemu.machine import kvm_cpu_model
+    PVM KVM); decided by one start of this QEMU (apx_tests.qemu.spec.kvm_cpu_model)."""
+    from apx_tests.qemu.spec import kvm_cpu_model
     return kvm_cpu_model(QEMU).cpu
 
 # Every process and temp dir these tests create, for the leak checks.

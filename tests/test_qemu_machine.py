@@ -1,4 +1,4 @@
-"""apx_tests.qemu.machine: one QEMU process, started, watched and always cleaned up.
+"""apx_tests.qemu.machine (with spec, qmp, errors): one QEMU process, started, watched and always cleaned up.
 
 Real qemu-system-x86_64, real guests (the boot image with the xmm payload).  Every
 failure must be ONE line, and after every test no QEMU of ours and no private
@@ -22,7 +22,9 @@ import pytest
 from apx_tests.guests import boot, protocol
 from apx_tests.guests.build import build_payload
 from apx_tests.qemu import machine as qm
-from apx_tests.qemu.machine import Machine, MachineSpec, QemuError, QemuUnavailable, our_temp_dirs
+from apx_tests.qemu.errors import QemuError, QemuUnavailable
+from apx_tests.qemu.machine import Machine
+from apx_tests.qemu.spec import MachineSpec, our_temp_dirs, sweep_stale_dirs
 
 GPA = boot.DEFAULT_MAILBOX_GPA
 
@@ -161,7 +163,8 @@ def test_qemu_dies_with_its_parent(image, tmp_path):
     """PR_SET_PDEATHSIG: a SIGKILLed Python leaves no QEMU running."""
     script = textwrap.dedent(f"""
         import sys, time
-        from apx_tests.qemu.machine import Machine, MachineSpec
+        from apx_tests.qemu.machine import Machine
+        from apx_tests.qemu.spec import MachineSpec
         m = Machine(MachineSpec.create(accel="tcg", kernel={str(image.path)!r}))
         print(m.pid, m.workdir, flush=True)
         time.sleep(60)
@@ -178,7 +181,7 @@ def test_qemu_dies_with_its_parent(image, tmp_path):
             time.sleep(0.01)
         assert not _alive(pid)
         assert os.path.isdir(workdir)  # a SIGKILLed process cannot clean up ...
-        assert workdir in qm.sweep_stale_dirs()  # ... the next process of ours does
+        assert workdir in sweep_stale_dirs()  # ... the next process of ours does
         assert not os.path.exists(workdir)
     finally:
         child.kill()

@@ -1,4 +1,4 @@
-"""apx_tests.qemu.migration: the migration-stream reader, on real QEMU streams.
+"""apx_tests.qemu.migration (stream, records, cpu_fields): the migration-stream reader, on real QEMU streams.
 
 Real streams are produced at test time: QEMU (microvm + qboot, paused with -S)
 gets register values either from gdb through the gdbstub, or from a tiny
@@ -39,12 +39,8 @@ from pathlib import Path
 
 import pytest
 
-from apx_tests.qemu.migration import (
-    PAGE_NOT_SENT,
-    PAGE_ZERO,
-    MigrationStream,
-    MigrationStreamError,
-)
+from apx_tests.qemu.migration.records import PAGE_NOT_SENT, PAGE_ZERO, MigrationStreamError
+from apx_tests.qemu.migration.stream import MigrationStream
 from apx_tests.xsave import Layout, XsaveImage
 
 QEMU = shutil.which("qemu-system-x86_64")
@@ -153,7 +149,7 @@ class Qemu:
         qmp_fd, gdb_fd = (s.fileno() for s in listeners)
         # -cpu host, without IA32_ARCH_CAPABILITIES where this QEMU's -cpu host aborts on
         # this machine's KVM ("failed to set MSR 0x10a"): decided by one start (kvm_cpu_model).
-        from apx_tests.qemu.machine import kvm_cpu_model
+        from apx_tests.qemu.spec import kvm_cpu_model
         cpu = "max" if accel == "tcg" else kvm_cpu_model(QEMU).cpu
         argv = [QEMU, "-machine", "microvm", "-nodefaults", "-display", "none", "-accel", accel, "-cpu", cpu,
                 "-m", "16", "-S", "-bios", QBOOT,
@@ -382,7 +378,8 @@ class RealCaptures:
 
     def _backend(self, accel: str):
         from apx_tests.qemu.backend import QemuBackend
-        from apx_tests.qemu.machine import QemuError, kvm_usable
+        from apx_tests.qemu.errors import QemuError
+        from apx_tests.qemu.spec import kvm_usable
         if accel not in self.backends and accel not in self.errors:
             why = kvm_usable() if accel == "kvm" else None
             if why is None:

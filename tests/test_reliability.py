@@ -32,7 +32,8 @@ from apx_tests.kvm.backend import KvmBackend, KvmHost
 from apx_tests.kvm.system import KvmUnavailable
 from apx_tests.qemu import gdb as gdbmod
 from apx_tests.qemu.backend import QemuBackend
-from apx_tests.qemu.machine import QemuUnavailable, our_temp_dirs
+from apx_tests.qemu.errors import QemuUnavailable
+from apx_tests.qemu.spec import our_temp_dirs
 from apx_tests.scenarios import Run
 from apx_tests.xsave import BANKS
 

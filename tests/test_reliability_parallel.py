@@ -17,8 +17,9 @@ import pytest
 
 from apx_tests.guests import boot
 from apx_tests.guests.build import build_payload
-from apx_tests.qemu.backend import QemuHost
-from apx_tests.qemu.machine import MachineSpec, QemuUnavailable, temp_prefix
+from apx_tests.qemu.host import QemuHost
+from apx_tests.qemu.errors import QemuUnavailable
+from apx_tests.qemu.spec import MachineSpec, temp_prefix
 
 REPO = Path(__file__).resolve().parents[1]
 SELECTION = ["-m", "apx", "--apx-backend", "kvm", "--apx-backend", "qemu-tcg", "-k", "not qemu or ymm"]

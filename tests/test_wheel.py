@@ -30,7 +30,7 @@ import pytest
 from apx_tests import plugin
 from apx_tests.guests import boot, build
 from apx_tests.guests.build import GuestBuildError, available_banks, build_payload, have_llvm_mc
-from apx_tests.guests.linux import KernelUnavailable, find_kernel
+from apx_tests.guests.linux_kernel import KernelUnavailable, find_kernel
 
 REPO = Path(__file__).resolve().parents[1]
 needs_llvm = pytest.mark.skipif(not have_llvm_mc(), reason="llvm-mc ≥ 18 not installed (Debian: llvm-19)")

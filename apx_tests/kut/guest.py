@@ -248,7 +248,7 @@ class GuestHost:
         self.kernel_image = linux.pvh_kernel(self.tree.image) or self.tree.image
 
     def command(self) -> list[str]:
-        from ..qemu.machine import find_qemu
+        from ..qemu.spec import find_qemu
         qemu = find_qemu(self.options.qemu)
         words = ["console=ttyS0", "quiet", "panic=-1"]
         if self.accel == "tcg":

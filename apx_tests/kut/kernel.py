@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..guests.elf import ElfError, read_sections
-from ..guests.linux import _cache_base, check_kernel_image, kernel_release, KernelUnavailable
+from ..guests.linux_kernel import check_kernel_image, kernel_release, KernelUnavailable
+from ..guests.linux_programs import _cache_base
 
 DEBIAN = "debian"
 DEBIAN_META_PACKAGE = "linux-image-amd64"  # the generic flavour: 9p as modules

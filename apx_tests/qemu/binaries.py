@@ -29,8 +29,9 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 
-from .machine import (KVM_CPU_HOST, KVM_CPU_NO_ARCH_CAPABILITIES, SHORT_RUN_TIMEOUT, KvmCpu,  # noqa: F401
-                      QemuUnavailable, find_qemu, kvm_cpu_model, probe_argv, run_short, stat_key)
+from .errors import QemuUnavailable
+from .spec import (KVM_CPU_HOST, KVM_CPU_NO_ARCH_CAPABILITIES, SHORT_RUN_TIMEOUT, KvmCpu,  # noqa: F401
+                   find_qemu, kvm_cpu_model, probe_argv, run_short, stat_key)
 
 VERSION_RE = re.compile(r"QEMU emulator version (\d+)\.(\d+)(?:\.(\d+))?")
 TAG_RE = re.compile(r"\d+(?:\.\d+){0,2}[a-z]?")

@@ -64,6 +64,9 @@ _VEC = re.compile(r"(XMM|YMM|ZMM)(\d\d)")
 _VEC_QWORDS = {"XMM": 2, "YMM": 4, "ZMM": 8}
 _NAME_SPLIT = re.compile(r"([A-Za-z][A-Za-z0-9]*)\s*=")
 _HEX = re.compile(r"[0-9a-fA-F]+")
+# Fixed-width fields besides the GPRs: HMP name -> (register name, hex digits, bytes).
+_SCALARS = {"RFL": ("rflags", 8, 8), "EFL": ("eflags", 8, 4), "FCW": ("fcw", 4, 2), "FSW": ("fsw", 4, 2),
+            "FTW": ("ftw", 2, 1), "MXCSR": ("mxcsr", 8, 4)}
 
 
 def _hex(value: str, digits: int | None, name: str, line: str, lineno: int) -> int:
@@ -71,6 +74,15 @@ def _hex(value: str, digits: int | None, name: str, line: str, lineno: int) -> i
         want = f"{digits} hex digits" if digits else "hex digits"
         raise HmpParseError(f"{name}: expected {want}, got {value!r}", line, lineno)
     return int(value, 16)
+
+
+def _scalar(upper: str) -> tuple[str, int, int] | None:
+    """(register name, hex digits, bytes) of a fixed-width field, or None for any other."""
+    if _GPR64.fullmatch(upper):                         # RAX..RSP, RIP, R8..R15, R16..R31
+        return upper.lower(), 16, 8
+    if _GPR32.fullmatch(upper):                         # any mode but 64-bit: 32 bits printed
+        return upper.lower(), 8, 4
+    return _SCALARS.get(upper)
 
 
 def parse_info_registers(text: str) -> dict[str, bytes]:
@@ -133,17 +145,10 @@ def parse_info_registers(text: str) -> dict[str, bytes]:
             if len(values) != 1 and not upper.startswith("FPR"):
                 raise HmpParseError(f"{name}: expected one value, got {len(values)}", raw, lineno)
             value = values[0] if values else ""
-            if _GPR64.fullmatch(upper):                 # RAX..RSP, RIP, R8..R15, R16..R31
-                put(upper.lower(), _hex(value, 16, name, raw, lineno).to_bytes(8, "little"), raw, lineno)
-                continue
-            if _GPR32.fullmatch(upper):
-                put(upper.lower(), _hex(value, 8, name, raw, lineno).to_bytes(4, "little"), raw, lineno)
-                continue
-            if upper == "RFL":
-                put("rflags", _hex(value, 8, name, raw, lineno).to_bytes(8, "little"), raw, lineno)
-                continue
-            if upper == "EFL":
-                put("eflags", _hex(value, 8, name, raw, lineno).to_bytes(4, "little"), raw, lineno)
+            scalar = _scalar(upper)
+            if scalar is not None:
+                reg, digits, size = scalar
+                put(reg, _hex(value, digits, name, raw, lineno).to_bytes(size, "little"), raw, lineno)
                 continue
             if upper.startswith("FPR") and upper[3:].isdigit():
                 idx = int(upper[3:])
@@ -160,15 +165,6 @@ def parse_info_registers(text: str) -> dict[str, bytes]:
                 if idx > 7:
                     raise HmpParseError(f"{name}: no such opmask register", raw, lineno)
                 put(f"k{idx}", _hex(value, 16, name, raw, lineno).to_bytes(8, "little"), raw, lineno)
-                continue
-            if upper in ("FCW", "FSW"):
-                put(upper.lower(), _hex(value, 4, name, raw, lineno).to_bytes(2, "little"), raw, lineno)
-                continue
-            if upper == "FTW":
-                put("ftw", _hex(value, 2, name, raw, lineno).to_bytes(1, "little"), raw, lineno)
-                continue
-            if upper == "MXCSR":
-                put("mxcsr", _hex(value, 8, name, raw, lineno).to_bytes(4, "little"), raw, lineno)
                 continue
             # CR0-4, DR0-7, EFER, XCR0 and any future NAME=<hex>: 8 bytes (or wider if printed wider)
             number = _hex(value, None, name, raw, lineno)

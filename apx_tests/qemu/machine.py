@@ -10,16 +10,11 @@
         code = m.wait_exit(5)              # isa-debug-exit: (status << 1) | 1
     Machine(spec, incoming=path)           # a fresh QEMU restoring a saved stream
 
-What each QEMU gets (docs/qemu.md):
-  -machine microvm -bios qboot.rom -nodefaults -no-user-config -display none -no-reboot -S
-  -accel kvm -cpu host (host,-arch-capabilities where -cpu host aborts: kvm_cpu_model) | -accel tcg -cpu max
-  guest RAM: a memory-backend-file (share=on) in the machine's private directory, which
-    this process also maps: mailbox reads and writes cost no QEMU round trip at all
-  isa-debugcon (0xE9) on a chardev socket this process listens on; isa-debug-exit (0xF4)
-  QMP on a chardev socket this process listens on (client mode: no connect race), spoken
-    with qemu.qmp's QMPClient, every call under a timeout; -S, then `cont` once connected
-  gdbstub: -gdb unix:DIR/gdb.sock,server=on,wait=off (for the gdb observer)
-  -incoming file:PATH or defer for restores
+What each QEMU gets is ``spec.MachineSpec.argv`` (docs/qemu.md): guest RAM is a
+memory-backend-file this process also maps (mailbox reads and writes cost no QEMU round
+trip), isa-debugcon, QMP (``qmp.QmpConnection``, every call under a timeout; -S, then
+`cont` once connected) and the serial console are chardev sockets this process listens
+on, plus a gdbstub socket and -incoming for restores.
 
 Every socket is a Unix socket inside a private 0700 directory (tempfile.mkdtemp, on
 /dev/shm when it is there, so guest RAM is tmpfs); never TCP.  close() kills and
@@ -33,8 +28,6 @@ of QEMU's stderr).
 from __future__ import annotations
 
 import atexit
-import ctypes
-import functools
 import json
 import mmap
 import os
@@ -48,325 +41,15 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
-from ..backend import BackendError
+from .errors import QemuError, QemuUnavailable
+from .qmp import QmpConnection, QmpTimeout
+from .spec import MachineSpec, _die_with_parent, _private_tmp_root, sweep_stale_dirs, temp_prefix
 
-QEMU_BINARY = "qemu-system-x86_64"
-QBOOT_CANDIDATES = ("/usr/share/qemu/qboot.rom", "/usr/share/seabios/qboot.rom")
-DEFAULT_MEMORY_MIB = 16
-DEFAULT_TIMEOUT = 10.0
-TEMP_PREFIX = "apx-qemu-"  # + pid + "-": a process finds (and a test counts) only its own directories
-MICROVM_MACHINE = "microvm,pit=off,pic=off,rtc=off,isa-serial=off,acpi=off"  # the payload guests' machine
-KVM_CPU_HOST = "host"
-# Where a start under -cpu host aborts on "failed to set MSR 0x10a" (kvm_cpu_model decides,
-# per binary): QEMU 10 on a nested paravirtual KVM; docs/qemu.md.
-KVM_CPU_NO_ARCH_CAPABILITIES = "host,-arch-capabilities"
-MSR_ARCH_CAPABILITIES_ABORT = "failed to set MSR 0x10a"
-TCG_CPU = "max"
-SHORT_RUN_TIMEOUT = 30.0  # seconds for one short QEMU run (--version, a start to check a -cpu)
-
-
-class QemuError(BackendError):
-    """QEMU did not do what was asked; str() is one line."""
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
-
-
-class QemuUnavailable(QemuError, OSError):
-    """QEMU (or the accelerator) cannot be used here at all; the plugin turns it into a skip."""
-
-
-# --- finding things -------------------------------------------------------------------
-
-def find_qemu(explicit: str | None = None) -> str:
-    """The qemu-system-x86_64 to use: `explicit`, the first of $APX_QEMU, or PATH.  QemuUnavailable
-    (one line) when there is none or it is not executable."""
-    # $APX_QEMU may list several QEMUs (os.pathsep-separated): the first is the primary one.
-    candidate = explicit or (os.environ.get("APX_QEMU") or "").split(os.pathsep)[0] or QEMU_BINARY
-    path = candidate if os.sep in candidate else shutil.which(candidate)
-    if path is None:
-        raise QemuUnavailable(f"{candidate}: not found in PATH (install qemu-system-x86, or pass --apx-qemu)")
-    if not os.path.isfile(path) or not os.access(path, os.X_OK):
-        raise QemuUnavailable(f"{path}: not an executable file")
-    return path
-
-
-def find_qboot(qemu: str) -> str:
-    """qboot.rom of this QEMU: PREFIX/share/qemu (an installed tree, or ci/bootstrap's side
-    QEMU, whose share/ is its root filesystem's), the build tree's pc-bios/ (a self-built
-    QEMU run from its build directory), else the Debian locations."""
-    binary = Path(qemu).resolve()
-    prefix = binary.parent.parent
-    candidates = (prefix / "share" / "qemu" / "qboot.rom", binary.parent / "pc-bios" / "qboot.rom",
-                  *map(Path, QBOOT_CANDIDATES))
-    for candidate in candidates:
-        if candidate.is_file():
-            return str(candidate)
-    raise QemuUnavailable(f"qboot.rom not found (looked in {prefix / 'share/qemu'}, {binary.parent / 'pc-bios'} "
-                          f"and {', '.join(QBOOT_CANDIDATES)}); the microvm machine needs it")
-
-
-def kvm_usable(path: str = "/dev/kvm") -> str | None:
-    """None if /dev/kvm opens read-write, else why not (one line)."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except OSError as exc:
-        return f"{path}: {exc.strerror}"
-    os.close(fd)
-    return None
-
-
-# --- short runs: facts of a binary, measured once -----------------------------------------
-
-def stat_key(path: str) -> tuple[str, int, int]:
-    """(path, mtime, size): what a per-binary memo is keyed by (a rebuilt QEMU is new)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return path, 0, 0
-    return path, st.st_mtime_ns, st.st_size
-
-
-def run_short(argv: list[str], stdin: str | None = None,
-              timeout: float = SHORT_RUN_TIMEOUT) -> subprocess.CompletedProcess:
-    """Run a QEMU that ends by itself (or on QMP `quit` from stdin); subprocess.run kills
-    and reaps it on a timeout, so nothing is left."""
-    return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=timeout,
-                          stdin=None if stdin is not None else subprocess.DEVNULL,
-                          env={**os.environ, "LC_ALL": "C"}, preexec_fn=_die_with_parent)
-
-
-def probe_argv(qemu: str, accel: str, cpu: str) -> list[str]:
-    """A QEMU that builds the machine and its vCPU, then waits (-S) for QMP on stdin:
-    nothing runs in the guest, no socket or file is made."""
-    return [qemu, "-machine", MICROVM_MACHINE, "-bios", find_qboot(qemu), "-nodefaults", "-no-user-config",
-            "-display", "none", "-S", "-m", "16M", "-accel", accel, "-cpu", cpu, "-qmp", "stdio"]
-
-
-QMP_QUIT = '{"execute": "qmp_capabilities"}\n{"execute": "quit"}\n'
-
-
-@dataclass(frozen=True)
-class KvmCpu:
-    cpu: str   # the -cpu model for KVM guests of one QEMU binary
-    why: str   # what the start under -cpu host showed (one line)
-
-
-def _line(text: str, limit: int = 160) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-@functools.lru_cache(maxsize=16)
-def _kvm_cpu(path: str, _mtime: int, _size: int) -> KvmCpu:
-    why = kvm_usable()
-    if why is not None:
-        return KvmCpu(KVM_CPU_HOST, f"not measured: {why}")
-    try:
-        proc = run_short(probe_argv(path, "kvm", KVM_CPU_HOST), stdin=QMP_QUIT)
-    except subprocess.TimeoutExpired:
-        return KvmCpu(KVM_CPU_HOST, f"-cpu host: no answer within {SHORT_RUN_TIMEOUT:g} s (kept)")
-    except (OSError, QemuUnavailable) as exc:
-        return KvmCpu(KVM_CPU_HOST, f"-cpu host: not measured: {getattr(exc, 'strerror', None) or exc}")
-    lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
-    abort = next((ln for ln in lines if MSR_ARCH_CAPABILITIES_ABORT in ln), None)
-    if abort is not None:
-        # This host's KVM refuses QEMU's write of IA32_ARCH_CAPABILITIES (QEMU 10 on the
-        # nested paravirtual KVM here): an assertion aborts QEMU at its first vCPU reset,
-        # before any QMP command.  The MSR has nothing to do with register state, so the
-        # guests of this binary go without it.
-        return KvmCpu(KVM_CPU_NO_ARCH_CAPABILITIES, f"-cpu host aborts ({_line(abort)})")
-    if proc.returncode == 0:
-        return KvmCpu(KVM_CPU_HOST, "-cpu host starts")
-    # Another failure: keep -cpu host, so the cases show QEMU's own error.
-    return KvmCpu(KVM_CPU_HOST, f"-cpu host: exit {proc.returncode}"
-                                + (f": {_line(lines[-1])}" if lines else "") + " (kept)")
-
-
-def kvm_cpu_model(qemu: str) -> KvmCpu:
-    """The -cpu of KVM guests of `qemu`: `host`, or `host,-arch-capabilities` where a start
-    under -cpu host aborts with "failed to set MSR 0x10a"; measured once per binary
-    (path, size, mtime) and process, by one QEMU start (~0.1 s) that leaves nothing."""
-    return _kvm_cpu(*stat_key(find_qemu(qemu)))
-
-
-def temp_prefix() -> str:
-    return f"{TEMP_PREFIX}{os.getpid()}-"
-
-
-def our_temp_dirs() -> list[str]:
-    """Private directories of this process's machines and snapshots that still exist."""
-    found = []
-    for root in {_private_tmp_root() or tempfile.gettempdir(), tempfile.gettempdir()}:
-        try:
-            names = os.listdir(root)
-        except OSError:
-            continue
-        found += [os.path.join(root, n) for n in names if n.startswith(temp_prefix())]
-    return sorted(found)
-
-
-_swept = False
-
-
-def sweep_stale_dirs() -> list[str]:
-    """Remove private directories left by processes of ours that no longer exist (a
-    SIGKILLed or SIGTERMed test run cannot clean up; PR_SET_PDEATHSIG already ended its
-    QEMUs).  Done once per process, before the first machine starts."""
-    removed = []
-    for root in {_private_tmp_root() or tempfile.gettempdir(), tempfile.gettempdir()}:
-        try:
-            names = os.listdir(root)
-        except OSError:
-            continue
-        for name in names:
-            parts = name[len(TEMP_PREFIX):].split("-", 1) if name.startswith(TEMP_PREFIX) else []
-            if len(parts) != 2 or not parts[0].isdigit() or int(parts[0]) == os.getpid():
-                continue
-            try:
-                os.kill(int(parts[0]), 0)
-                continue  # still running
-            except ProcessLookupError:
-                pass
-            except PermissionError:
-                continue  # someone else's live process
-            path = os.path.join(root, name)
-            if os.path.isdir(path) and not os.path.islink(path) and os.stat(path).st_uid == os.getuid():
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(path)
-    return removed
-
-
-def _private_tmp_root() -> str | None:
-    shm = "/dev/shm"
-    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) else None
-
-
-# --- the machine's configuration ----------------------------------------------------------
-
-@dataclass(frozen=True)
-class MachineSpec:
-    """Everything that must be identical between a machine and the ones restoring its
-    streams (QEMU refuses a stream from a different machine configuration)."""
-
-    qemu: str
-    accel: str
-    cpu: str
-    kernel: str
-    bios: str
-    memory_mib: int = DEFAULT_MEMORY_MIB
-    extra: tuple[str, ...] = ()
-    timeout: float = DEFAULT_TIMEOUT
-    machine: str = MICROVM_MACHINE  # the -machine value; ",memory-backend=ram" is appended
-    console: bool = False  # the serial port (ttyS0) on a chardev socket this process listens on
-
-    @classmethod
-    def create(cls, *, accel: str, kernel: str | os.PathLike, qemu: str | None = None, cpu: str | None = None,
-               memory_mib: int = DEFAULT_MEMORY_MIB, extra: Iterable[str] = (),
-               timeout: float = DEFAULT_TIMEOUT, machine: str = MICROVM_MACHINE,
-               console: bool = False) -> "MachineSpec":
-        if accel not in ("kvm", "tcg"):
-            raise ValueError(f"accel must be 'kvm' or 'tcg', not {accel!r}")
-        path = find_qemu(qemu)
-        if accel == "kvm":
-            why = kvm_usable()
-            if why:
-                raise QemuUnavailable(f"-accel kvm: {why}")
-        if cpu is None:
-            cpu = kvm_cpu_model(path).cpu if accel == "kvm" else TCG_CPU
-        return cls(path, accel, cpu, os.fspath(kernel),
-                   find_qboot(path), memory_mib, tuple(extra), timeout, machine, console)
-
-    @property
-    def name(self) -> str:
-        return f"qemu-{self.accel}"
-
-    def argv(self, workdir: str, incoming: str | None) -> list[str]:
-        d = workdir
-        mem = f"{self.memory_mib}M"
-        argv = [
-            self.qemu,
-            "-machine", f"{self.machine},memory-backend=ram",
-            "-bios", self.bios,
-            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-S",
-            "-accel", self.accel, "-cpu", self.cpu, "-smp", "1", "-m", mem,
-            "-object", f"memory-backend-file,id=ram,size={mem},mem-path={d}/ram,share=on",
-            "-chardev", f"socket,id=dbg,path={d}/dbg.sock",
-            "-device", "isa-debugcon,iobase=0xe9,chardev=dbg",
-            "-device", "isa-debug-exit,iobase=0xf4,iosize=1",
-            "-chardev", f"socket,id=qmp,path={d}/qmp.sock",
-            "-mon", "chardev=qmp,mode=control",
-            "-gdb", f"unix:{d}/gdb.sock,server=on,wait=off",
-            "-kernel", self.kernel,
-        ]
-        if self.console:
-            argv += ["-chardev", f"socket,id=con,path={d}/con.sock", "-serial", "chardev:con"]
-        argv += self.extra
-        if incoming:
-            argv += ["-incoming", incoming]
-        return argv
-
-
-# --- QMP ---------------------------------------------------------------------------------
-
-QMP_NICKNAME = "apx_tests"
 QMP_EXIT_GRACE = 2.0  # seconds to let a QEMU whose QMP connection dropped finish exiting
 POLL_MIN, POLL_MAX = 0.0002, 0.002  # query-migrate polling: a round trip costs ~0.2 ms
 
-
-class QmpConnection:
-    """A synchronous QMP client over an accepted socket: qemu.qmp's QMPClient on a
-    private event loop, every call bounded by a timeout (qemu.qmp.legacy has none for
-    connect, and a QEMU that never greets would hang us)."""
-
-    def __init__(self, sock: socket.socket, timeout: float):
-        import asyncio
-
-        from qemu.qmp import QMPClient
-
-        _quiet_qmp_logging()
-        self.timeout = timeout
-        self._asyncio = asyncio
-        self._loop = asyncio.new_event_loop()
-        self._client = QMPClient(QMP_NICKNAME)
-        self._run(self._client.connect(sock), "connect")
-
-    def _run(self, coro, what: str, timeout: float | None = None):
-        try:
-            return self._loop.run_until_complete(self._asyncio.wait_for(coro, timeout or self.timeout))
-        except self._asyncio.TimeoutError:
-            raise QmpTimeout(f"no answer to QMP {what} within {timeout or self.timeout:g} s") from None
-
-    def cmd(self, command: str, **args):
-        return self._run(self._client.execute(command, args or None), command)
-
-    def close(self) -> None:
-        if self._loop.is_closed():
-            return
-        try:
-            # A close from a finalizer may run inside another connection's QMP call
-            # (garbage collection happens anywhere): no event loop may run then.
-            if self._asyncio._get_running_loop() is None:
-                self._run(self._client.disconnect(), "disconnect", 2.0)
-        except Exception:
-            pass
-        finally:
-            self._loop.close()
-
-
-class QmpTimeout(TimeoutError):
-    pass
-
-
-def _quiet_qmp_logging() -> None:
-    """qemu.qmp logs connection failures at ERROR/CRITICAL with tracebacks; every one of
-    them becomes a one-line QemuError here, so its loggers for our connections stay quiet."""
-    import logging
-
-    for module in ("qemu.qmp.protocol", "qemu.qmp.qmp_client"):
-        logging.getLogger(f"{module}.{QMP_NICKNAME}").setLevel(logging.CRITICAL + 1)
+_swept = False  # sweep_stale_dirs() ran in this process (before its first machine)
 
 
 # --- leak protection ----------------------------------------------------------------------
@@ -381,17 +64,6 @@ def _close_leftovers() -> None:  # pragma: no cover - only runs when a caller fo
             machine.close()
         except Exception:
             pass
-
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except Exception:
-        pass
 
 
 def live_machines() -> list["Machine"]:

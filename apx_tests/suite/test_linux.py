@@ -14,7 +14,7 @@ Cases (ids as in the scenario matrix):
   report ``ok`` after the restore in a fresh QEMU.
 
 The accelerator is chosen once per session from a check of this host
-(linux_session.choose_accel: KVM where a probe boot of the guest kernel under -accel kvm
+(linux_accel.choose_accel: KVM where a probe boot of the guest kernel under -accel kvm
 reaches /init; TCG where /dev/kvm is unusable, where KVM is kvm_pvm, which boots no stock
 kernel, or where the probe fails).  Each case records it as the JUnit properties
 ``apx.accel`` (kvm or tcg) and ``apx.accel.why``; the ids keep the backend name
@@ -34,13 +34,16 @@ import shutil
 import pytest
 
 from apx_tests.cases import LINUX_BACKEND
-from apx_tests.guests import build, linux
-from apx_tests.guests.linux import KernelUnavailable
+from apx_tests.guests import build, linux, linux_kernel
+from apx_tests.guests.linux_kernel import KernelUnavailable
 from apx_tests.plugin import apx_cpu_profile, apx_qemu, apx_skip_or_fail
 from apx_tests.profiles import PROFILES, exclusion
-from apx_tests.qemu.backend import QemuBackend, QemuHost
-from apx_tests.qemu.linux_session import LinuxHolderRun, choose_accel, flip_target, unavailable_reason
-from apx_tests.qemu.machine import QemuUnavailable, find_qemu
+from apx_tests.qemu.backend import QemuBackend
+from apx_tests.qemu.host import QemuHost
+from apx_tests.qemu.linux_accel import choose_accel, unavailable_reason
+from apx_tests.qemu.linux_session import LinuxHolderRun, flip_target
+from apx_tests.qemu.errors import QemuUnavailable
+from apx_tests.qemu.spec import find_qemu
 from apx_tests.xsave import BANKS
 
 BACKEND = LINUX_BACKEND
@@ -64,7 +67,7 @@ def linux_env(pytestconfig):
     if not build.have_llvm_mc() or shutil.which("gcc") is None:
         pytest.skip("the Linux guest programs need llvm-mc >= 18 and gcc (ci/bootstrap installs them)")
     try:
-        kernel = linux.find_kernel(fetch=False)
+        kernel = linux_kernel.find_kernel(fetch=False)
     except KernelUnavailable as exc:
         pytest.skip(str(exc))
     choice = choose_accel(qemu, kernel)  # remembered for the session (no probe boot on kvm_pvm)
@@ -88,8 +91,8 @@ def linux_env(pytestconfig):
 
 def _kernel_apx(bank: str, kernel) -> str | None:
     """Under KVM the CPU may have APX; the guest kernel must enable XCR0[19] too."""
-    if bank == "apx" and linux.kernel_knows_apx(kernel) is False:
-        return (f"guest kernel {linux.kernel_release(kernel)} has no APX state support (no XSAVE component 19 "
+    if bank == "apx" and linux_kernel.kernel_knows_apx(kernel) is False:
+        return (f"guest kernel {linux_kernel.kernel_release(kernel)} has no APX state support (no XSAVE component 19 "
                 f"in its xfeature names), so it would not enable XCR0[19]")
     return None
 

@@ -1,0 +1,2 @@
+"""QEMU migration streams: the stream format (``stream``, ``records``) and the x86 vCPU
+field mapping (``cpu_fields``).  See docs/migration.md."""
