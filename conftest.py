@@ -6,10 +6,10 @@ that it is there and sets up what only this repository's own test run needs.
 
 It also keeps the README's main job fast: ``pytest -m apx`` (no paths: the testpaths
 apx_tests/suite and tests) collects the shipped suite only. Every ``apx``-marked test lives
-in apx_tests/suite (tests/test_collection.py checks that tests/ marks none), so importing
+in apx_tests/suite (tests/test_main_job.py checks that tests/ marks none), so importing
 and assertion-rewriting the ~60 modules of tests/ would only deselect them all again: with
 PYTHONDONTWRITEBYTECODE=1 the rewritten modules are never cached, and that took most of the
-run's 10-20 s of collection here (docs/bench.md, "Collection").
+run's 10-20 s of collection here (docs/bench.md, "Collection and the main job").
 """
 
 from __future__ import annotations
