@@ -646,3 +646,30 @@ def test_in_debian13_errors_are_one_line(tmp_path):
     assert proc.stderr.splitlines() == [
         f"in-debian13: error: {tmp_path / 'empty'} is not a root filesystem (no dev, proc, sys or tmp in it)"]
     assert mounts_under(tmp_path) == []
+
+
+# --- bytecode: written once where PYTHONDONTWRITEBYTECODE keeps runs from writing it ---------
+
+
+def _write_bytecode(env: dict[str, str]) -> subprocess.CompletedProcess:
+    script = f'source "{BOOTSTRAP}"; write_bytecode "{REPO}" "{sys.prefix}"'
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=300, env=env,
+                          stdin=subprocess.DEVNULL)
+
+
+def test_bytecode_is_left_to_python_when_it_may_write():
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    proc = _write_bytecode(env)
+    assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == "", proc.stdout + proc.stderr
+
+
+def test_bytecode_is_cached_for_the_package_and_the_main_jobs_test_modules():
+    """With PYTHONDONTWRITEBYTECODE set: apx_tests' modules compiled, and pytest's rewritten
+    ones for the suite (what a later `pytest -m apx` reads instead of compiling)."""
+    proc = _write_bytecode({**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ("bootstrap: bytecode cached (PYTHONDONTWRITEBYTECODE is set): apx_tests and the main "
+                           "job's test modules\n"), proc.stdout
+    tag = sys.implementation.cache_tag
+    assert (REPO / "apx_tests" / "__pycache__" / f"cases.{tag}.pyc").is_file()
+    assert list((REPO / "apx_tests" / "suite" / "__pycache__").glob(f"test_scenarios.{tag}-pytest-*.pyc"))

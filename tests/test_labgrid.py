@@ -30,9 +30,12 @@ REMOTE_DIRS = "/tmp/apx-remote.*"
 AGENT_MARKS = ("run-remote", "apx-remote.")
 HOLDER = ("alice", "ci-7")  # the other client: LG_USERNAME, LG_HOSTNAME
 
-needs_lab = pytest.mark.skipif(sshd_unavailable_reason() is not None or labgrid_unavailable_reason() is not None,
+# Decided without importing labgrid (a second of imports for every run that collects this
+# module); the LocalLabgrid fixture imports it for real.
+LAB_REASON = labgrid_unavailable_reason(quick=True)
+needs_lab = pytest.mark.skipif(sshd_unavailable_reason() is not None or LAB_REASON is not None,
                                reason=f"no test sshd: {sshd_unavailable_reason()}" if sshd_unavailable_reason()
-                               else f"no labgrid: {labgrid_unavailable_reason()}")
+                               else f"no labgrid: {LAB_REASON}")
 
 
 def _wait_until(check, timeout=30.0):
@@ -294,7 +297,7 @@ def test_missing_place_is_one_line(lab, hosts, tmp_path):
            "places there: a, b" in proc.stderr
 
 
-@pytest.mark.skipif(labgrid_unavailable_reason() is not None, reason=f"no labgrid: {labgrid_unavailable_reason()}")
+@pytest.mark.skipif(LAB_REASON is not None, reason=f"no labgrid: {LAB_REASON}")
 def test_coordinator_down_is_one_line(tmp_path):
     port = free_port()  # nobody listens there
     env = dict(_env(), LG_COORDINATOR=f"127.0.0.1:{port}")  # labgrid's own variable

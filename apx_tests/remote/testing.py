@@ -13,6 +13,8 @@ removes the directory. Only processes this object started are signalled (by pid)
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import os
 import re
 import shutil
@@ -329,14 +331,38 @@ def labgrid_tool(name: str) -> str | None:
     return str(here) if os.access(here, os.X_OK) else shutil.which(name)
 
 
-def labgrid_unavailable_reason() -> str | None:
-    from .labgrid import labgrid_missing
-    why = labgrid_missing()
+def labgrid_unavailable_reason(*, quick: bool = False) -> str | None:
+    """Why a local labgrid cannot run here, in one line; None when it can.  `quick`: decided
+    from the installed package (its import spec and version) without importing labgrid,
+    about a second of imports: what a module-level skipif needs at collection time, where
+    every run would pay for it (LocalLabgrid imports it for real before it starts)."""
+    if quick:
+        why = _labgrid_not_installed()
+    else:
+        from .labgrid import labgrid_missing
+        why = labgrid_missing()
     if why:
         return why
     missing = [name for name in LABGRID_TOOLS if labgrid_tool(name) is None]
     if missing:
         return f"{', '.join(missing)} not found beside {sys.executable} or on PATH (pip install labgrid)"
+    return None
+
+
+def _labgrid_not_installed() -> str | None:
+    from .labgrid import INSTALL_HINT
+    try:
+        found = importlib.util.find_spec("labgrid") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        return f"--apx-place needs labgrid, which this Python does not have: {INSTALL_HINT}"
+    try:
+        major = int(importlib.metadata.version("labgrid").split(".")[0])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        major = None
+    if major is not None and major < 24:  # before 24.0 the coordinator spoke WAMP, not gRPC
+        return f"--apx-place needs labgrid >= 24 (the gRPC coordinator): {INSTALL_HINT}"
     return None
 
 
