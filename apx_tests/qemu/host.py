@@ -219,10 +219,14 @@ class QemuHost:
     @property
     def cpu_text(self) -> str:
         """`-cpu` for messages: a profile's long feature list shortened to a count."""
-        base, _, minus = self.spec_cpu.partition(",-")
         if not self.profile.restricts or self.cpu:
             return self.spec_cpu
-        return f"{base} minus {len(minus.split(',-'))} {self.profile.name}-excluded features"
+        # The base model as the host run names it, so a reason the host run gives reads the
+        # same under a profile, and the profile's own name (what tells the two runs apart).
+        base, spec = self.base_cpu, self.spec_cpu
+        extra = spec[len(base):] if spec.startswith(base) else spec.partition(",")[2]
+        removed = len([f for f in extra.split(",") if f.startswith("-")])
+        return f"{base} under CPU profile {self.profile.name} (--apx-cpu), minus {removed} more features"
 
     def profile_unavailable(self) -> str | None:
         """Why this QEMU cannot provide the CPU profile, or None: the guest cannot enable
