@@ -12,7 +12,7 @@ meet the real bug.
         SCENARIOS["export"].run(run)          # -> ScenarioFailure naming ymm2 and ymm13
 
     CaseRunner(session_wrapper=FAULTS["swap"].wrap)      # the case registry, same thing
-    pytest -m apx --apx-inject swap                      # the plugin (apx_tests.faults_pytest)
+    pytest -m apx --apx-inject swap                      # the plugin (apx_tests.pytest.faults)
     ci/fault-table                                       # every fault x scenario -> docs/faults.md
 
 Each fault touches one bank (the run's) at a fixed, named place (``target()``: for ymm,

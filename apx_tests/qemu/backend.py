@@ -690,7 +690,7 @@ class QemuSession(Session):
     # ---- lifetime ---------------------------------------------------------------------------
     def _gdb_transcript_path(self) -> str | None:
         """Where a gdb session saves its MI transcript when it closes: the artifacts
-        directory of the host (set per test by apx_tests.report_pytest), else nowhere."""
+        directory of the host (set per test by apx_tests.pytest.reporting), else nowhere."""
         if not self.host.artifacts:
             return None
         self._counter += 1
