@@ -20,6 +20,10 @@ ymm9 byte 17, in the upper half), so a catching scenario's message can be checke
 naming the bank and the register (``Fault.named``).  ``run_matrix`` runs faults x
 scenarios x banks x backends through the case registry (apx_tests.cases.CaseRunner) and
 ``summarize`` says which scenarios caught each fault; docs/faults.md has the table.
+
+It stays one file (about 600 lines): the faults, the proxy that applies them and the matrix
+that measures them are one vocabulary (a Cell's outcome is only meaningful next to its
+Fault's target() and named()), and ci/fault-table, the plugin and the tests import it as one.
 """
 
 from __future__ import annotations
