@@ -18,7 +18,9 @@ from __future__ import annotations
 import abc
 from typing import Callable
 
+from . import profiles
 from .guests import protocol
+from .profiles import CpuProfile
 from .xsave import Bank, Layout, XsaveImage
 
 
@@ -109,10 +111,22 @@ class Backend(abc.ABC):
 
     name: str
     layout: Layout
+    profile: CpuProfile  # the CPU profile (--apx-cpu) its guests run under
+
+    def unavailable_reason(self, bank: Bank) -> str | None:
+        """None when `bank` can run on this backend under its CPU profile, else every
+        missing piece in one line: why the profile cannot be provided at all, what it takes
+        away from the bank, then what the host and VMM lack (host_unavailable).  The one
+        answer to "can this bank run here, and if not, why": the case runner (so the
+        plugin's skips), the remote agent and the probe ask the backend; none derives it."""
+        reasons = (self.profile_unavailable(), profiles.exclusion(self.profile, bank.xcr0_mask),
+                   self.host_unavailable(bank))
+        return "; ".join(why for why in reasons if why) or None
 
     @abc.abstractmethod
-    def unavailable_reason(self, bank: Bank) -> str | None:
-        """None when `bank` can run here, else the precise missing piece."""
+    def host_unavailable(self, bank: Bank) -> str | None:
+        """What this backend's host and VMM lack for `bank`, apart from what the CPU
+        profile takes away (unavailable_reason adds that); None when nothing."""
 
     def profile_unavailable(self) -> str | None:
         """Why this backend cannot provide its CPU profile (--apx-cpu) at all, or None.

@@ -175,7 +175,7 @@ class CaseRunner:
                  profile: str = DEFAULT_PROFILE):
         self.payload = payload or (lambda bank: build_payload(bank).code)
         self.session_wrapper = session_wrapper  # fault injection (apx_tests.faults), passed to Run
-        # Reporting (apx_tests.report_pytest): called with each Run before its scenario starts.
+        # Reporting (apx_tests.pytest.reporting): called with each Run before its scenario starts.
         self.prepare_run: Callable[[CaseId, Run], None] | None = None
         self.options = {"artifacts": artifacts, "profile": profile}
         self._qemu_spec = qemu

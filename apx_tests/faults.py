@@ -12,7 +12,7 @@ meet the real bug.
         SCENARIOS["export"].run(run)          # -> ScenarioFailure naming ymm2 and ymm13
 
     CaseRunner(session_wrapper=FAULTS["swap"].wrap)      # the case registry, same thing
-    pytest -m apx --apx-inject swap                      # the plugin (apx_tests.faults_pytest)
+    pytest -m apx --apx-inject swap                      # the plugin (apx_tests.pytest.faults)
     ci/fault-table                                       # every fault x scenario -> docs/faults.md
 
 Each fault touches one bank (the run's) at a fixed, named place (``target()``: for ymm,
@@ -20,6 +20,10 @@ ymm9 byte 17, in the upper half), so a catching scenario's message can be checke
 naming the bank and the register (``Fault.named``).  ``run_matrix`` runs faults x
 scenarios x banks x backends through the case registry (apx_tests.cases.CaseRunner) and
 ``summarize`` says which scenarios caught each fault; docs/faults.md has the table.
+
+It stays one file (about 600 lines): the faults, the proxy that applies them and the matrix
+that measures them are one vocabulary (a Cell's outcome is only meaningful next to its
+Fault's target() and named()), and ci/fault-table, the plugin and the tests import it as one.
 """
 
 from __future__ import annotations

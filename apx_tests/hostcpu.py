@@ -9,7 +9,9 @@ at once) and called through ctypes:
   the instruction would raise #UD and kill the interpreter, so we refuse first)
 
 Plus helpers built on them: ``vendor()``, ``family_model_stepping()``, ``microcode()``
-(read from /proc/cpuinfo, which is the only place user space can see it).
+(read from /proc/cpuinfo, which is the only place user space can see it).  And the texts
+reasons are written in: ``parse_cpuid_requirement()`` (the CPUID bits a bank's requirement
+names, ``CpuidBit``) and ``xcr0_bits_text()`` (the probe and the KVM backend share them).
 
 Machine code (checked with ``llvm-mc-19 --triple=x86_64 --show-encoding``)::
 
@@ -41,7 +43,9 @@ import ctypes.util
 import functools
 import os
 import platform
+import re
 import threading
+from dataclasses import dataclass
 from typing import Callable
 
 __all__ = [
@@ -55,6 +59,10 @@ __all__ = [
     "cpuinfo_first",
     "CPUID_CODE",
     "XGETBV_CODE",
+    "CpuidBit",
+    "parse_cpuid_requirement",
+    "XCR0_BIT_NAMES",
+    "xcr0_bits_text",
 ]
 
 CPUID_CODE = bytes.fromhex(
@@ -203,3 +211,83 @@ def microcode(path: str = "/proc/cpuinfo") -> int | None:
         return int(value, 0)
     except ValueError:
         return None
+
+
+# --- the CPUID bits a requirement text names ---------------------------------------------
+
+@dataclass(frozen=True)
+class CpuidBit:
+    """One CPUID bit a bank needs, parsed from its ``cpuid_requirement`` text."""
+    leaf: int
+    subleaf: int
+    register: str  # "eax".."edx"
+    bit: int
+    name: str
+
+    def value(self, cpuid) -> int:
+        regs = dict(zip(("eax", "ebx", "ecx", "edx"), cpuid(self.leaf, self.subleaf)))
+        return regs[self.register] >> self.bit & 1
+
+    def describe(self, value: int) -> str:
+        """'APX_F (CPUID.(EAX=7,ECX=1):EDX[21]=0)', the notation of the SDM."""
+        leaf = str(self.leaf) if self.leaf < 10 else f"{self.leaf:#x}"
+        where = (f"CPUID.(EAX={leaf},ECX={self.subleaf})" if self.leaf in _SUBLEAF_LEAVES or self.subleaf
+                 else f"CPUID.{leaf}")
+        return f"{self.name} ({where}:{self.register.upper()}[{self.bit}]={value})"
+
+
+# Leaves whose meaning depends on ECX (the SDM writes them as CPUID.(EAX=n,ECX=m)).
+_SUBLEAF_LEAVES = {4, 7, 0xB, 0xD, 0xF, 0x10, 0x12, 0x14, 0x17, 0x18, 0x1D, 0x1E, 0x1F, 0x20, 0x23, 0x24, 0x29}
+
+
+_REQ_RE = re.compile(
+    r"(?:CPUID\.(?:\(EAX=(?P<leaf>\w+),\s*ECX=(?P<sub>\w+)\)|(?P<leaf1>\w+)):)?"
+    r"(?P<reg>E[ABCD]X)\[(?P<lo>\d+)(?:\.\.(?P<hi>\d+))?\]\s*\((?P<names>[^)]*)\)")
+
+
+def parse_cpuid_requirement(text: str) -> list[CpuidBit]:
+    """The CPUID bits named in a bank's requirement text, e.g.
+    ``"CPUID.(EAX=7,ECX=0):EBX[16] (AVX512F), CPUID.1:ECX[27] (OSXSAVE) and EBX[30] (AVX512BW, ...)"``.
+    A register without a leaf refers to the leaf named before it. Other conditions in the
+    text (XCR0 bits, CR4 flags) are not CPUID bits and are checked elsewhere or not at all.
+    """
+    out: list[CpuidBit] = []
+    leaf = sub = None
+    for m in _REQ_RE.finditer(text):
+        if m.group("leaf") is not None:
+            leaf, sub = int(m.group("leaf"), 0), int(m.group("sub"), 0)
+        elif m.group("leaf1") is not None:
+            leaf, sub = int(m.group("leaf1"), 0), 0
+        if leaf is None:
+            continue
+        lo = int(m.group("lo"))
+        hi = int(m.group("hi") or lo)
+        names = [n.strip() for n in m.group("names").split(",")]
+        for i, bit in enumerate(range(lo, hi + 1)):
+            name = names[i] if hi > lo and i < len(names) else names[0]
+            out.append(CpuidBit(leaf, sub, m.group("reg").lower(), bit, name.split()[0] if name else "?"))
+    return out
+
+
+# --- XCR0 bits by name (SDM spelling), for reasons ---------------------------------------
+
+XCR0_BIT_NAMES = {
+    0: "x87", 1: "SSE", 2: "AVX", 3: "BNDREGS", 4: "BNDCSR", 5: "opmask", 6: "ZMM_Hi256",
+    7: "Hi16_ZMM", 9: "PKRU", 17: "XTILECFG", 18: "XTILEDATA", 19: "APX",
+}
+
+
+def xcr0_bits_text(bits: int) -> str:
+    """'bits 5-7 (opmask, ZMM_Hi256, Hi16_ZMM)' / 'bit 19 (APX)'."""
+    numbers = [b for b in range(64) if bits >> b & 1]
+    if not numbers:
+        return "no bits"
+    runs: list[tuple[int, int]] = []
+    for b in numbers:
+        if runs and runs[-1][1] == b - 1:
+            runs[-1] = (runs[-1][0], b)
+        else:
+            runs.append((b, b))
+    spans = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+    names = ", ".join(XCR0_BIT_NAMES.get(b, f"bit{b}") for b in numbers)
+    return f"{'bit' if len(numbers) == 1 else 'bits'} {spans} ({names})"

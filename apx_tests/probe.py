@@ -3,7 +3,9 @@ whether a KVM scenario can run here or exactly why not.
 
 ``probe()`` never raises for a missing or failing tool: every group has an ``error``
 field (one line) and the facts it could not learn stay ``None``. ``Probe.to_dict()`` is
-JSON-serialisable; ``Probe.report_lines()`` is the human report of ``apx-tests probe``.
+JSON-serialisable; ``Probe.report_lines()`` is the human report of ``apx-tests probe``
+(rendered by apx_tests.probe_text).  Whether a bank runs on KVM is not derived here: the
+KVM backend answers from these facts (``KvmBackend.facts_unavailable``, bank_facts()).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import hostcpu
+# Re-exported: the requirement and XCR0 texts live in hostcpu, where the KVM backend reads them too.
+from .hostcpu import XCR0_BIT_NAMES, CpuidBit, parse_cpuid_requirement, xcr0_bits_text
 
 __all__ = [
     "Probe", "CpuFacts", "KvmFacts", "QemuFacts", "ToolFacts", "LlvmFacts", "BankFacts",
@@ -26,11 +30,6 @@ __all__ = [
 ]
 
 BANK_ORDER = ("apx", "hi16_zmm", "zmm_hi256", "opmask", "ymm", "xmm", "x87", "pkru")
-
-XCR0_BIT_NAMES = {
-    0: "x87", 1: "SSE", 2: "AVX", 3: "BNDREGS", 4: "BNDCSR", 5: "opmask", 6: "ZMM_Hi256",
-    7: "Hi16_ZMM", 9: "PKRU", 17: "XTILECFG", 18: "XTILEDATA", 19: "APX",
-}
 
 TOOL_TIMEOUT = 30  # seconds for one external command
 
@@ -148,26 +147,11 @@ class Probe:
             raise KeyError(f"unknown bank {name!r}; known: {', '.join(self.banks)}") from None
 
     def report_lines(self) -> list[str]:
-        return _report_lines(self)
+        from .probe_text import report_lines
+        return report_lines(self)
 
 
 # --- helpers ----------------------------------------------------------------------------
-
-def xcr0_bits_text(bits: int) -> str:
-    """'bits 5-7 (opmask, ZMM_Hi256, Hi16_ZMM)' / 'bit 19 (APX)'."""
-    numbers = [b for b in range(64) if bits >> b & 1]
-    if not numbers:
-        return "no bits"
-    runs: list[tuple[int, int]] = []
-    for b in numbers:
-        if runs and runs[-1][1] == b - 1:
-            runs[-1] = (runs[-1][0], b)
-        else:
-            runs.append((b, b))
-    spans = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
-    names = ", ".join(XCR0_BIT_NAMES.get(b, f"bit{b}") for b in numbers)
-    return f"{'bit' if len(numbers) == 1 else 'bits'} {spans} ({names})"
-
 
 def _run(argv: list[str], stdin: str | None = None, timeout: float | None = None) -> str:
     """Run a tool; return stdout; raise RuntimeError with one line on any failure."""
@@ -384,99 +368,29 @@ def _banks() -> dict[str, Any]:
     return BANKS
 
 
-@dataclass(frozen=True)
-class CpuidBit:
-    """One CPUID bit a bank needs, parsed from its ``cpuid_requirement`` text."""
-    leaf: int
-    subleaf: int
-    register: str  # "eax".."edx"
-    bit: int
-    name: str
-
-    def value(self, cpuid) -> int:
-        regs = dict(zip(("eax", "ebx", "ecx", "edx"), cpuid(self.leaf, self.subleaf)))
-        return regs[self.register] >> self.bit & 1
-
-    def describe(self, value: int) -> str:
-        """'APX_F (CPUID.(EAX=7,ECX=1):EDX[21]=0)', the notation of the SDM."""
-        leaf = str(self.leaf) if self.leaf < 10 else f"{self.leaf:#x}"
-        where = (f"CPUID.(EAX={leaf},ECX={self.subleaf})" if self.leaf in _SUBLEAF_LEAVES or self.subleaf
-                 else f"CPUID.{leaf}")
-        return f"{self.name} ({where}:{self.register.upper()}[{self.bit}]={value})"
-
-
-# Leaves whose meaning depends on ECX (the SDM writes them as CPUID.(EAX=n,ECX=m)).
-_SUBLEAF_LEAVES = {4, 7, 0xB, 0xD, 0xF, 0x10, 0x12, 0x14, 0x17, 0x18, 0x1D, 0x1E, 0x1F, 0x20, 0x23, 0x24, 0x29}
-
-
-_REQ_RE = re.compile(
-    r"(?:CPUID\.(?:\(EAX=(?P<leaf>\w+),\s*ECX=(?P<sub>\w+)\)|(?P<leaf1>\w+)):)?"
-    r"(?P<reg>E[ABCD]X)\[(?P<lo>\d+)(?:\.\.(?P<hi>\d+))?\]\s*\((?P<names>[^)]*)\)")
-
-
-def parse_cpuid_requirement(text: str) -> list[CpuidBit]:
-    """The CPUID bits named in a bank's requirement text, e.g.
-    ``"CPUID.(EAX=7,ECX=0):EBX[16] (AVX512F), CPUID.1:ECX[27] (OSXSAVE) and EBX[30] (AVX512BW, ...)"``.
-    A register without a leaf refers to the leaf named before it. Other conditions in the
-    text (XCR0 bits, CR4 flags) are not CPUID bits and are checked elsewhere or not at all.
-    """
-    out: list[CpuidBit] = []
-    leaf = sub = None
-    for m in _REQ_RE.finditer(text):
-        if m.group("leaf") is not None:
-            leaf, sub = int(m.group("leaf"), 0), int(m.group("sub"), 0)
-        elif m.group("leaf1") is not None:
-            leaf, sub = int(m.group("leaf1"), 0), 0
-        if leaf is None:
-            continue
-        lo = int(m.group("lo"))
-        hi = int(m.group("hi") or lo)
-        names = [n.strip() for n in m.group("names").split(",")]
-        for i, bit in enumerate(range(lo, hi + 1)):
-            name = names[i] if hi > lo and i < len(names) else names[0]
-            out.append(CpuidBit(leaf, sub, m.group("reg").lower(), bit, name.split()[0] if name else "?"))
-    return out
-
-
 def bank_facts(cpu: CpuFacts, kvm: KvmFacts,
                cpuid: Callable[[int, int], tuple[int, int, int, int]] | None = None
                ) -> dict[str, BankFacts]:
-    """Per bank: can a KVM scenario run here, and if not every missing piece.
-
-    Pieces: the CPU's CPUID bits (host CPUID: this KVM does not always list AVX/AVX-512 in
-    KVM_GET_SUPPORTED_CPUID although guests can use them, so supported XCR0 decides),
-    host XCR0, KVM presence, KVM supported XCR0, KVM_CAP_XSAVE2.
-    """
+    """Per bank: can a KVM scenario run here, and if not every missing piece: the KVM
+    backend's answer from these facts (apx_tests.kvm.backend.KvmBackend.facts_unavailable),
+    asked here, not derived."""
     cpuid = cpuid or hostcpu.cpuid
     try:
         banks = _banks()
     except ImportError as exc:
         why = f"apx_tests.xsave not importable: {_err(exc)}"
         return {name: BankFacts(name, 0, False, why) for name in BANK_ORDER}
+    try:
+        from .kvm.backend import KvmBackend
+    except ImportError as exc:
+        why = f"apx_tests.kvm not importable: {_err(exc)}"
+        return {name: BankFacts(name, banks[name].xcr0_mask if name in banks else 0, False, why)
+                for name in BANK_ORDER}
     out: dict[str, BankFacts] = {}
     for name in [n for n in BANK_ORDER if n in banks] + sorted(set(banks) - set(BANK_ORDER)):
         bank = banks[name]
-        mask = bank.xcr0_mask
-        missing: list[str] = []
-        if cpu.error:
-            missing.append(f"host CPUID unreadable ({cpu.error})")
-        else:
-            lacking = [req.describe(0) for req in parse_cpuid_requirement(bank.cpuid_requirement)
-                       if not req.value(cpuid)]
-            if lacking:
-                missing.append(f"CPU lacks {', '.join(lacking)}")
-        if cpu.xcr0 is not None and mask & ~cpu.xcr0:
-            missing.append(f"host XCR0 {cpu.xcr0:#x} lacks {xcr0_bits_text(mask & ~cpu.xcr0)}")
-        if not kvm.present:
-            missing.append(f"KVM unavailable ({kvm.error})")
-        elif kvm.supported_xcr0 is None:
-            missing.append(f"KVM supported XCR0 unknown ({kvm.error})")
-        elif mask & ~kvm.supported_xcr0:
-            missing.append(f"KVM supported XCR0 {kvm.supported_xcr0:#x} lacks "
-                           f"{xcr0_bits_text(mask & ~kvm.supported_xcr0)}")
-        if kvm.present and kvm.xsave2_size is None:
-            missing.append(f"KVM_CAP_XSAVE2 size unknown ({kvm.error})")
-        out[name] = BankFacts(name, mask, not missing, "; ".join(missing) or None)
+        reason = KvmBackend.facts_unavailable(bank, cpu, kvm, cpuid)
+        out[name] = BankFacts(name, bank.xcr0_mask, reason is None, reason)
     return out
 
 
@@ -564,89 +478,6 @@ def probe(qemu=None, kvm_path: str = "/dev/kvm") -> Probe:
                    gdb=gdb, llvm=probe_llvm(), qemus=qemus, side_qemus_broken=broken)
     result.banks = bank_facts(cpu, kvm)
     return result
-
-
-def _hex(value: int | None) -> str:
-    return "unknown" if value is None else f"{value:#x}"
-
-
-def _yes(value: bool | None) -> str:
-    return "unknown" if value is None else ("yes" if value else "no")
-
-
-def _qemu_lines(q: QemuFacts, several: bool) -> list[str]:
-    """One QEMU's lines, each keyed by its name (qemu, or qemu10/qemu11 side by side)."""
-    n = q.name
-    if q.error and q.version is None:
-        return [f"{n}: unavailable: {q.error}"]
-    ids = f" (case ids {n}-kvm-*, {n}-tcg-*)" if several else ""
-    origin = f", from {q.origin}" if q.origin and q.origin != "PATH" and several else ""
-    lines = [
-        f"{n}: {q.path} version {q.version}{ids}{origin}",
-        f"{n} -cpu apxf: {_yes(q.apxf)}",
-        f"{n} accelerators: {', '.join(q.accelerators) if q.accelerators is not None else 'unknown'}",
-    ]
-    if q.kvm_cpu or q.kvm_cpu_why:
-        lines.append(f"{n} kvm -cpu: {q.kvm_cpu or 'unknown'} ({q.kvm_cpu_why})")
-    for accel, why in (q.apx or {}).items():
-        lines.append(f"{n} APX under {accel}: {why}")
-    if q.gdb:
-        lines.append(f"{n} gdb: {q.gdb} version {q.gdb_version}")
-    if q.error:
-        lines.append(f"{n} error: {q.error}")
-    return lines
-
-
-def _report_lines(p: Probe) -> list[str]:
-    c, k, q, g, l = p.cpu, p.kvm, p.qemu, p.gdb, p.llvm
-    lines = [
-        f"cpu: {c.vendor} family {c.family} model {c.model} stepping {c.stepping}"
-        + (f" ({c.model_name})" if c.model_name else ""),
-        f"cpu microcode: {_hex(c.microcode)}",
-    ]
-    if c.error:
-        lines.append(f"cpu error: {c.error}")
-    lines += [
-        f"cpu APX_F (CPUID.(7,1).EDX[21]): {_yes(c.apx)}",
-        f"cpu AVX: {_yes(c.avx)}, AVX512F: {_yes(c.avx512f)}",
-        f"host XCR0: {_hex(c.xcr0)}",
-        f"host XSAVE size (CPUID 0xD.0 EBX/ECX): {c.xsave_size} / {c.xsave_max_size}",
-    ]
-    if c.layout is not None:
-        comps = ", ".join(f"{n} {v['name']}@{v['offset']}+{v['size']}" if not v.get("supervisor")
-                          else f"{n} {v['name']} (supervisor)+{v['size']}" for n, v in c.layout.items())
-        lines.append(f"host XSAVE layout (component name@offset+size): {comps}")
-    else:
-        lines.append(f"host XSAVE layout: unavailable ({c.layout_error})")
-    lines.append(f"kernel: {p.kernel_release}")
-    if k.present:
-        lines += [
-            f"kvm: {k.path} present",
-            f"kvm API version: {k.api_version}",
-            f"kvm supported XCR0: {_hex(k.supported_xcr0)}",
-            f"kvm KVM_CAP_XSAVE2 size: {k.xsave2_size}",
-            f"kvm supported CPUID APX_F: {_yes(k.apx_cpuid)}",
-        ]
-        if k.error:
-            lines.append(f"kvm error: {k.error}")
-    else:
-        lines.append(f"kvm: unavailable: {k.error}")
-    for q in p.qemus or [q]:
-        lines += _qemu_lines(q, several=len(p.qemus) > 1)
-    for b in p.side_qemus_broken:
-        lines.append(f"side QEMU {b.path}: not used: {b.error}")
-    lines.append(f"gdb: {g.path} version {g.version}" if g.version else f"gdb: unavailable: {g.error}")
-    if l.version:
-        lines.append(f"llvm-mc: {l.path} version {l.version}")
-        lines.append(f"llvm-mc knows APX: {_yes(l.apx)}"
-                     + (f" (movq %rax, %r16 -> {l.apx_encoding})" if l.apx_encoding else "")
-                     + (f" ({l.error})" if l.error else ""))
-    else:
-        lines.append(f"llvm-mc: unavailable: {l.error}")
-    for b in p.banks.values():
-        lines.append(f"bank {b.name}: runnable on KVM" if b.kvm_runnable
-                     else f"bank {b.name}: not runnable on KVM: {b.reason}")
-    return lines
 
 
 # --- host descriptions: the same facts from data instead of the live host --------------------

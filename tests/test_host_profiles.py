@@ -116,3 +116,28 @@ def test_diamond_rapids_runs_apx_everywhere_the_profile_allows():
     for profile in PROFILES:
         reason = KvmBackend(_host("intel-diamond-rapids", profile)).unavailable_reason(BANKS["apx"])
         assert (reason is None) == (profile == "host"), (profile, reason)
+
+
+def test_the_probe_asks_the_kvm_backend_and_it_answers_under_a_profile():
+    """probe.bank_facts is KvmBackend.facts_unavailable's answer; under a profile that
+    answer names the profile as the live backend's unavailable_reason does."""
+    from apx_tests import probe as probe_mod
+    from apx_tests.probe import cpu_facts_from_description, kvm_facts_from_description
+
+    for name in ("amd-zen2", "intel-sapphire-rapids"):
+        desc = HostDescription.load(HOSTS / f"{name}.json")
+        cpu, kvm = cpu_facts_from_description(desc), kvm_facts_from_description(desc)
+        banks = probe_mod.bank_facts(cpu, kvm, desc.cpuid)
+        for bank, facts in banks.items():
+            assert facts.reason == KvmBackend.facts_unavailable(BANKS[bank], cpu, kvm, desc.cpuid), bank
+        for profile in PROFILES:
+            live = KvmBackend(_host(name, profile))
+            for bank in ("xmm", "ymm"):
+                why = KvmBackend.facts_unavailable(BANKS[bank], cpu, kvm, desc.cpuid, PROFILES[profile])
+                # xmm and ymm lack nothing on these hosts: only the profile speaks, in the same words
+                assert why == live.unavailable_reason(BANKS[bank]), (name, profile, bank, why)
+    zen2 = HostDescription.load(HOSTS / "amd-zen2.json")
+    why = KvmBackend.facts_unavailable(BANKS["xmm"], cpu_facts_from_description(zen2),
+                                       kvm_facts_from_description(zen2), zen2.cpuid, PROFILES["avx512"])
+    assert why == ("CPU profile avx512 (--apx-cpu) needs XCR0 bits 5-7 (opmask, zmm_hi256, hi16_zmm): "
+                   "KVM (supported XCR0) offers 0x7")

@@ -1,6 +1,7 @@
 """The package's imports point one way: no module imports itself back through others, and
 the lower layers never import the upper ones (DEVELOPERS: xsave <- backends <- scenarios
-<- cases <- plugin/cli; nothing below the pytest glue imports pytest).
+<- cases <- plugin/cli; nothing outside the pytest glue, apx_tests.pytest, imports
+pytest or the glue).
 
 Read from the source with ast, lazy imports inside functions included: a circle hidden in
 a function body is still a circle.
@@ -22,14 +23,14 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def _imports(path: Path) -> set[str]:
-    """apx_tests modules imported anywhere in `path` (absolute names)."""
-    name = _module_name(path)
-    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+def _imported(source: str, name: str, is_package: bool, filename: str = "<planted>") -> set[str]:
+    """Every module name imported anywhere in `source` (the module `name`), made absolute;
+    `from X import a` counts X and X.a (a may be a module itself)."""
+    package = name if is_package else name.rsplit(".", 1)[0]
     out = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(ast.parse(source, filename)):
         if isinstance(node, ast.Import):
-            out |= {a.name for a in node.names if a.name.startswith("apx_tests")}
+            out |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")
@@ -37,11 +38,16 @@ def _imports(path: Path) -> set[str]:
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
-            if target.startswith("apx_tests"):
-                out.add(target)
-                # `from . import x` / `from .pkg import mod`: x may be a module itself
-                out |= {f"{target}.{a.name}" for a in node.names}
+            out.add(target)
+            # `from . import x` / `from .pkg import mod`: x may be a module itself
+            out |= {f"{target}.{a.name}" for a in node.names}
     return out
+
+
+def _imports(path: Path) -> set[str]:
+    """apx_tests modules imported anywhere in `path` (absolute names)."""
+    names = _imported(path.read_text(), _module_name(path), path.name == "__init__.py", str(path))
+    return {n for n in names if n.startswith("apx_tests")}
 
 
 def _graph() -> dict[str, set[str]]:
@@ -104,20 +110,61 @@ def test_xsave_imports_nothing_above_it():
             assert all(d.startswith("apx_tests.xsave") for d in deps), (name, deps)
 
 
-def test_pytest_stays_in_the_pytest_glue():
-    """Only the pytest glue and the shipped suite import pytest: the agent and avocado run
-    without it."""
-    glue = {"apx_tests.plugin", "apx_tests.report_pytest", "apx_tests.faults_pytest",
-            "apx_tests.remote.pytest_remote"}
+# The pytest glue: the plugin package.  Everything else runs without pytest (the remote
+# agent, avocado, the CLI), so it neither imports pytest nor the glue.
+GLUE = "apx_tests.pytest"
+# Allowed to import both, with the reason:
+PYTEST_ALLOWED = {
+    # the shipped apx-marked suite: pytest test modules themselves, run by the plugin (they
+    # use apx_tests.pytest.options.apx_skip_or_fail)
+    "apx_tests.suite": "the shipped pytest suite",
+}
+
+
+def _in(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
+
+
+def _pytest_offenders(modules: dict[str, tuple[str, bool]]) -> list[tuple[str, str]]:
+    """(module, what it imports) for each module outside the glue (and PYTEST_ALLOWED) that
+    imports pytest, _pytest or the glue; `modules` maps a name to (source, is_package)."""
     offenders = []
-    for path in PACKAGE.rglob("*.py"):
-        name = _module_name(path)
-        if name in glue or name.startswith(("apx_tests.suite", "apx_tests.pytest")) or "pytest" in path.stem:
+    for name, (source, is_package) in sorted(modules.items()):
+        if _in(name, GLUE) or any(_in(name, allowed) for allowed in PYTEST_ALLOWED):
             continue
-        tree = ast.parse(path.read_text(), str(path))
-        for node in ast.walk(tree):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            if any(n == "pytest" or n.startswith(("pytest.", "_pytest")) for n in names):
-                offenders.append(name)
-    assert not offenders, offenders
+        for imported in sorted(_imported(source, name, is_package)):
+            if _in(imported, "pytest") or _in(imported, "_pytest") or _in(imported, GLUE):
+                offenders.append((name, imported))
+    return offenders
+
+
+def _package_sources() -> dict[str, tuple[str, bool]]:
+    return {_module_name(p): (p.read_text(), p.name == "__init__.py") for p in PACKAGE.rglob("*.py")}
+
+
+def test_pytest_stays_in_the_pytest_glue():
+    """Only apx_tests.pytest (and the shipped suite) import pytest or apx_tests.pytest:
+    the agent and avocado run without pytest, and nothing below the glue depends on it."""
+    modules = _package_sources()
+    assert any(_in(name, GLUE) for name in modules), "the glue package is missing"
+    assert not _pytest_offenders(modules)
+
+
+def test_the_pytest_check_catches_planted_imports():
+    clean = {"apx_tests.cases": ("import os\nfrom .xsave import layout\n", False),
+             "apx_tests.pytest.plugin": ("import pytest\nfrom .options import x\n", False),
+             "apx_tests.pytest": ("", True),
+             "apx_tests.suite.test_x": ("import pytest\nfrom apx_tests.pytest.options import y\n", False)}
+    assert _pytest_offenders(clean) == []
+    planted = {
+        "apx_tests.a": ("import pytest\n", False),
+        "apx_tests.b": ("def f():\n    from _pytest.config import Config\n", False),
+        "apx_tests.remote.c": ("from ..pytest import options\n", False),
+        "apx_tests.d": ("from apx_tests import pytest as glue\n", False),
+        "apx_tests.e": ("import apx_tests.pytest.plugin\n", False),
+        "apx_tests.kut": ("from ..pytest.remote import RemoteCaseItem\n", True),
+    }
+    found = {name for name, _ in _pytest_offenders({**clean, **planted})}
+    assert found == set(planted)
+    # a name that merely starts with "pytest" is not pytest
+    assert _pytest_offenders({"apx_tests.f": ("import pytest_xdist\nimport apx_tests.pytestish\n", False)}) == []

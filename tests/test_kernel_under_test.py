@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from apx_tests.cases import CaseResult
-from apx_tests.faults_pytest import _CASE_ID
+from apx_tests.pytest.faults import _CASE_ID
 from apx_tests.kut import kernel as kmod
 from apx_tests.kut.guest import GuestHost, GuestOptions, KernelSpec, choose_accel, parse_record
 from apx_tests.remote.ssh import RemoteError

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from apx_tests import plugin
+from apx_tests.pytest import plugin
 
 SKIP_OR_FAIL = """
 import pytest
-from apx_tests.plugin import apx_skip_or_fail
+from apx_tests.pytest.options import apx_skip_or_fail
 
 pytestmark = pytest.mark.apx
 
@@ -97,7 +97,7 @@ def test_backend_selection(pytester, args, ini, want):
     if ini:
         pytester.makeini(f"[pytest]\napx_backend = {ini}\n")  # (warning filter not needed here)
     pytester.makeconftest(
-        "from apx_tests.plugin import apx_backends\n"
+        "from apx_tests.pytest.options import apx_backends\n"
         "def pytest_configure(config):\n"
         "    config._apx_seen = apx_backends(config)\n")
     pytester.makepyfile(f"def test_x(pytestconfig):\n    assert pytestconfig._apx_seen == {want!r}\n")
@@ -117,13 +117,13 @@ def test_bad_backend_is_a_usage_error(pytester):
 def test_artifacts_and_qemu_options(pytester):
     pytester.makeini("[pytest]\napx_artifacts = out/art\napx_qemu = /opt/q\n")
     pytester.makepyfile(
-        "from apx_tests.plugin import apx_artifacts, apx_qemu\n"
+        "from apx_tests.pytest.options import apx_artifacts, apx_qemu\n"
         "def test_x(pytestconfig):\n"
         "    assert apx_artifacts(pytestconfig) == str(pytestconfig.rootpath / 'out/art')\n"
         "    assert apx_qemu(pytestconfig) == '/opt/q'\n")
     pytester.runpytest().assert_outcomes(passed=1)
     pytester.makepyfile(
-        "from apx_tests.plugin import apx_artifacts, apx_qemu\n"
+        "from apx_tests.pytest.options import apx_artifacts, apx_qemu\n"
         "def test_x(pytestconfig):\n"
         "    assert apx_artifacts(pytestconfig) == '/abs/dir'\n"
         "    assert apx_qemu(pytestconfig) == '/usr/bin/q'\n")
@@ -138,14 +138,14 @@ def test_artifacts_and_qemu_options(pytester):
         path.chmod(0o755)
     pytester.makeini(f"[pytest]\napx_qemu = {q10} {q11}\n")
     pytester.makepyfile(
-        "from apx_tests.plugin import apx_qemu, apx_qemu_paths, apx_qemus\n"
+        "from apx_tests.pytest.options import apx_qemu, apx_qemu_paths, apx_qemus\n"
         "def test_x(pytestconfig):\n"
         f"    assert apx_qemu_paths(pytestconfig) == [{str(q10)!r}, {str(q11)!r}]\n"
         f"    assert apx_qemu(pytestconfig) == {str(q10)!r}\n"
         "    assert [(q.version, q.tag) for q in apx_qemus(pytestconfig)] == [('10.0.2', '10'), ('11.1.3', '11')]\n")
     pytester.runpytest().assert_outcomes(passed=1)
     pytester.makepyfile(
-        "from apx_tests.plugin import apx_qemu, apx_qemu_paths\n"
+        "from apx_tests.pytest.options import apx_qemu, apx_qemu_paths\n"
         "def test_x(pytestconfig):\n"
         f"    assert apx_qemu_paths(pytestconfig) == [{str(q11)!r}, {str(q10)!r}]\n")
     pytester.runpytest(f"--apx-qemu={q11}", f"--apx-qemu={q10}").assert_outcomes(passed=1)
@@ -155,6 +155,6 @@ def test_plugin_registered_once(pytester):
     """The entry point loads it; the repo's conftest must not load it again."""
     pytester.makepyfile("def test_x(pytestconfig):\n"
                         "    pm = pytestconfig.pluginmanager\n"
-                        "    import apx_tests.plugin as p\n"
+                        "    import apx_tests.pytest.plugin as p\n"
                         "    assert [n for n, m in pm.list_name_plugin() if m is p] == ['apx']\n")
     pytester.runpytest().assert_outcomes(passed=1)

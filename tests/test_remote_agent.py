@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from apx_tests.guests.build import available_banks
-from apx_tests.plugin import scenario_cases
+from apx_tests.pytest.items import scenario_cases
 from apx_tests.remote.agent import EXIT_ABANDONED
 from apx_tests.remote.bundle import build_bundle
 from apx_tests.cases import CaseId, CaseIdError, CaseRunner, case_ids

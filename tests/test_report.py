@@ -1,4 +1,4 @@
-"""Reports for CI (apx_tests.report, apx_tests.report_pytest): JUnit properties, KTAP, the
+"""Reports for CI (apx_tests.report, apx_tests.pytest.reporting): JUnit properties, KTAP, the
 artifacts of failing cases, the terminal summary, progress lines.
 
 The end-to-end tests run small pytest sessions (pytester, in-process) with ONE injected

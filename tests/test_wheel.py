@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from apx_tests import plugin
+from apx_tests.pytest import plugin
 from apx_tests.guests import boot, build
 from apx_tests.guests.build import GuestBuildError, available_banks, build_payload, have_llvm_mc
 from apx_tests.guests.linux_kernel import KernelUnavailable, find_kernel

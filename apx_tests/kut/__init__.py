@@ -9,8 +9,9 @@
               the host's root shared read-only over 9p, and the remote agent
               (apx_tests.remote.agent) runs the cases inside; its JSON records come back
               on a second serial port.
-- pytest_kut: the pytest side: ``--apx-kernel``, one item per KVM case and kernel
-              (``kernel[<release>]-kvm-ymm-import``), reusing the remote items.
+
+The pytest side (``--apx-kernel``, one item per KVM case and kernel,
+``kernel[<release>]-kvm-ymm-import``, reusing the remote items) is apx_tests.pytest.kut.
 
 See docs/kernel-under-test.md.
 """

@@ -13,7 +13,7 @@ kvm_amd, parameter nested on): ``-accel kvm -cpu host``.  Otherwise (kvm_pvm, no
 nesting off) TCG with ``-cpu max``, an AMD CPU with SVM, so the guest's kvm_amd runs.
 
 The interface is RemoteHost's (start_async, wait_started, result, close, hello, results,
-counts, timings, cleanup_note), so apx_tests.remote.pytest_remote's items work with it.
+counts, timings, cleanup_note), so apx_tests.pytest.remote's items work with it.
 Errors are RemoteError with a one-line text ``apx-kernel kernel[R]: <phase>: <why>``;
 ``unusable`` marks the start errors that mean "cannot run here" (skip, or fail under
 --apx-require), as opposed to an agent that broke mid-run.

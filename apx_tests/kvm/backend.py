@@ -9,6 +9,7 @@ from .. import profiles
 from ..backend import Backend, BackendError, ImportRejected, Session
 from ..profiles import DEFAULT_PROFILE, PROFILES, CpuProfile
 from ..guests import protocol
+from ..hostcpu import parse_cpuid_requirement, xcr0_bits_text
 from ..xsave import Bank, Layout, XsaveError, XsaveImage
 from .system import Kvm, KvmError
 from .vmm import MAILBOX, GuestCpu, GuestError, MicroVm, VcpuState, guest_cpuid
@@ -23,6 +24,11 @@ PKRU_BIT = 1 << 9
 def needs_pke(bank: Bank) -> bool:
     """The bank's payload uses rdpkru/wrpkru, which #UD unless CR4.PKE is set."""
     return bool(bank.xcr0_mask & PKRU_BIT)
+
+
+def profile_unavailable(profile: CpuProfile, supported_xcr0: int) -> str | None:
+    """Why a KVM whose supported XCR0 is `supported_xcr0` cannot provide `profile`, or None."""
+    return profiles.unavailable(profile, supported_xcr0, "KVM (supported XCR0)")
 
 
 class KvmHost:
@@ -73,7 +79,7 @@ class KvmHost:
         return GuestCpu(xcr0, guest_cpuid(self.supported_cpuid, xcr0, self.profile))
 
     def profile_unavailable(self) -> str | None:
-        return profiles.unavailable(self.profile, self.supported_xcr0, "KVM (supported XCR0)")
+        return profile_unavailable(self.profile, self.supported_xcr0)
 
     @cached_property
     def x87_empty_store(self) -> bytes:
@@ -142,13 +148,16 @@ class KvmBackend(Backend):
     def layout(self) -> Layout:
         return self.host.layout
 
+    @property
+    def profile(self) -> CpuProfile:
+        return self.host.profile
+
     def profile_unavailable(self) -> str | None:
         return self.host.profile_unavailable()
 
-    def unavailable_reason(self, bank: Bank) -> str | None:
+    def host_unavailable(self, bank: Bank) -> str | None:
         missing = bank.xcr0_mask & ~self.host.supported_xcr0
-        reasons = [why for why in (self.host.profile_unavailable(),
-                                   profiles.exclusion(self.host.profile, bank.xcr0_mask)) if why]
+        reasons = []
         if bank.name == "apx" and not self.host.apx_cpu:
             reasons.append("KVM_GET_SUPPORTED_CPUID lacks APX_F (CPUID.(EAX=7,ECX=1):EDX[21]=0)")
         if missing:
@@ -157,6 +166,40 @@ class KvmBackend(Backend):
         if bank.name == "apx" and not missing and self.host.layout.has(19) is False:
             reasons.append("KVM CPUID leaf 0xD has no component 19 (CONFIG_KVM_APX off?)")
         return "; ".join(reasons) or None
+
+    @staticmethod
+    def facts_unavailable(bank: Bank, cpu, kvm, cpuid, profile: CpuProfile = PROFILES[DEFAULT_PROFILE]
+                          ) -> str | None:
+        """This backend's answer for a host known by its probe facts (apx_tests.probe's
+        CpuFacts and KvmFacts, and its CPUID as a function): this machine as probed, with
+        or without /dev/kvm, or a host description.  None when a KVM scenario of `bank` can
+        run there under `profile`, else every missing piece: the profile's (as
+        unavailable_reason says them), the CPU's CPUID bits (host CPUID: a KVM does not
+        always list AVX/AVX-512 in KVM_GET_SUPPORTED_CPUID although guests can use them, so
+        supported XCR0 decides), host XCR0, KVM presence, KVM supported XCR0,
+        KVM_CAP_XSAVE2.  The probe's "bank NAME" lines are this answer."""
+        mask = bank.xcr0_mask
+        offered = profile_unavailable(profile, kvm.supported_xcr0) if kvm.supported_xcr0 is not None else None
+        missing: list[str] = [why for why in (offered, profiles.exclusion(profile, mask)) if why]
+        if cpu.error:
+            missing.append(f"host CPUID unreadable ({cpu.error})")
+        else:
+            lacking = [req.describe(0) for req in parse_cpuid_requirement(bank.cpuid_requirement)
+                       if not req.value(cpuid)]
+            if lacking:
+                missing.append(f"CPU lacks {', '.join(lacking)}")
+        if cpu.xcr0 is not None and mask & ~cpu.xcr0:
+            missing.append(f"host XCR0 {cpu.xcr0:#x} lacks {xcr0_bits_text(mask & ~cpu.xcr0)}")
+        if not kvm.present:
+            missing.append(f"KVM unavailable ({kvm.error})")
+        elif kvm.supported_xcr0 is None:
+            missing.append(f"KVM supported XCR0 unknown ({kvm.error})")
+        elif mask & ~kvm.supported_xcr0:
+            missing.append(f"KVM supported XCR0 {kvm.supported_xcr0:#x} lacks "
+                           f"{xcr0_bits_text(mask & ~kvm.supported_xcr0)}")
+        if kvm.present and kvm.xsave2_size is None:
+            missing.append(f"KVM_CAP_XSAVE2 size unknown ({kvm.error})")
+        return "; ".join(missing) or None
 
     @staticmethod
     def layout_names(mask: int) -> list[str]:

@@ -82,17 +82,14 @@ class QemuBackend(Backend):
     def layout(self) -> Layout:
         return self.host.layout
 
+    @property
+    def profile(self) -> CpuProfile:
+        return self.host.profile
+
     def profile_unavailable(self) -> str | None:
         return self.host.profile_unavailable()
 
-    def unavailable_reason(self, bank: Bank) -> str | None:
-        profile = self.host.profile
-        reasons = [why for why in (self.host.profile_unavailable(), profiles.exclusion(profile, bank.xcr0_mask))
-                   if why]
-        host_reason = self._host_reason(bank)
-        return "; ".join(reasons + ([host_reason] if host_reason else [])) or None
-
-    def _host_reason(self, bank: Bank) -> str | None:
+    def host_unavailable(self, bank: Bank) -> str | None:
         """What this QEMU and host lack for `bank`, apart from what the profile took away."""
         if bank.name == "apx":
             why = self.host.apx_unavailable()
@@ -434,7 +431,7 @@ class QemuSession(Session):
     # ---- lifetime ---------------------------------------------------------------------------
     def _gdb_transcript_path(self) -> str | None:
         """Where a gdb session saves its MI transcript when it closes: the artifacts
-        directory of the host (set per test by apx_tests.report_pytest), else nowhere."""
+        directory of the host (set per test by apx_tests.pytest.reporting), else nowhere."""
         if not self.host.artifacts:
             return None
         self._counter += 1

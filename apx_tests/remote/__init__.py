@@ -7,12 +7,13 @@
 - agent:         the remote entry point, `python3 apx.pyz run-remote --cases ... --json`.
 - ssh:           one remote host: connect (paramiko, known_hosts checked), upload, run,
                  collect, clean up.
-- pytest_remote: the pytest side (`--apx-host`, one item per remote case, fleets).
 - labgrid:       labgrid places as hosts (`--apx-place`): the coordinator session (in a
                  helper process), PlaceSpec, PlaceHost (acquire before, release after).
-- pytest_labgrid: the pytest side of `--apx-place` (places join pytest_remote's fleet).
 - testing:       a throwaway OpenSSH server, and a labgrid coordinator + exporter, on
                  127.0.0.1, for tests.
+
+The pytest side is apx_tests.pytest.remote (`--apx-host`, one item per remote case,
+fleets) and apx_tests.pytest.labgrid (`--apx-place`: places join that fleet).
 
 See docs/remote.md.
 """

@@ -1,7 +1,7 @@
 """Reports for kernel CI and labs: KTAP, the terminal summary, artifacts of failing cases.
 
 The pure parts; the pytest side (options, hooks, JUnit properties) is
-apx_tests.report_pytest.  docs/ci.md says how CI wires them in.
+apx_tests.pytest.reporting.  docs/ci.md says how CI wires them in.
 
   records.py    TestRecord: one test's outcome as the reports see it (label, bank,
                 backend, scenario, status, reason, diagnostic lines), built from

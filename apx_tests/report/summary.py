@@ -146,7 +146,7 @@ def _qemu_properties(probe) -> dict[str, str]:
 
 
 def host_properties(probe, backends) -> dict[str, str]:
-    """JUnit test-suite properties beyond apx_tests.plugin._junit_properties: the CPU's
+    """JUnit test-suite properties beyond apx_tests.pytest.plugin._junit_properties: the CPU's
     identity field by field, microcode, gdb, the QEMU accelerators, the selected
     backends and the accelerators they use."""
     cpu = probe.cpu

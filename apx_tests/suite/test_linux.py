@@ -36,7 +36,7 @@ import pytest
 from apx_tests.cases import LINUX_BACKEND
 from apx_tests.guests import build, linux, linux_kernel
 from apx_tests.guests.linux_kernel import KernelUnavailable
-from apx_tests.plugin import apx_cpu_profile, apx_qemu, apx_skip_or_fail
+from apx_tests.pytest.options import apx_cpu_profile, apx_qemu, apx_skip_or_fail
 from apx_tests.profiles import PROFILES, exclusion
 from apx_tests.qemu.backend import QemuBackend
 from apx_tests.qemu.host import QemuHost
@@ -117,7 +117,7 @@ def _env(request, bank: str, case_id: str) -> dict:
         except TypeError:  # a pytest without that keyword
             exc = pytest.skip.Exception(message)
         raise exc
-    # Artifacts go to this test's own folder (kept only if it fails: apx_tests.report_pytest).
+    # Artifacts go to this test's own folder (kept only if it fails: apx_tests.pytest.reporting).
     artifacts = request.getfixturevalue("apx_test_artifacts")
     request.getfixturevalue("apx_progress")(f"booting Linux guest ({env['accel'].upper()}) for {bank}…")
     return {"qemu": env["qemu"], "kernel": env["kernel"], "cpu": env["cpu"], "accel": env["accel"],
@@ -125,7 +125,7 @@ def _env(request, bank: str, case_id: str) -> dict:
 
 
 def _recorder(request):
-    """A JUnit property recorder: item.user_properties, as apx_tests.report_pytest writes
+    """A JUnit property recorder: item.user_properties, as apx_tests.pytest.reporting writes
     them (pytest's record_property fixture warns under the default junit_family xunit2)."""
     return lambda name, value: request.node.user_properties.append((name, value))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from apx_tests import hostcpu
-from apx_tests.plugin import apx_skip_or_fail
+from apx_tests.pytest.options import apx_skip_or_fail
 from apx_tests.probe import BANK_ORDER
 
 pytestmark = pytest.mark.apx

@@ -1,7 +1,7 @@
-"""pytest side of the reports (registered by apx_tests.plugin through `pytest_plugins`).
+"""pytest side of the reports (registered by apx_tests.pytest.plugin through `pytest_plugins`).
 
   JUnit      with --junitxml and apx-marked tests in the session: the host's facts as
-             test-suite properties (apx_tests.plugin._junit_properties through the
+             test-suite properties (apx_tests.pytest.plugin._junit_properties through the
              apx_probe fixture, plus report.summary.host_properties), even when no
              test asked for apx_probe.  Every scenario case gets the properties
              apx.case, apx.backend, apx.bank, apx.scenario, apx.observers (and
@@ -29,12 +29,13 @@ from pathlib import Path
 
 import pytest
 
-from .cases import CaseId
-from .plugin import apx_artifacts, apx_backends, apx_cpu_profile, get_probe
-from .report import ktap
-from .report.artifacts import REPORT, RunRecorder, finalize, safe_name
-from .report.records import TestRecord, one_line, parse_case_label
-from .report.summary import case_table, host_line, host_properties, other_tests_line
+from ..cases import CaseId
+from ..report import ktap
+from ..report.artifacts import REPORT, RunRecorder, finalize, safe_name
+from ..report.records import TestRecord, one_line, parse_case_label
+from ..report.summary import case_table, host_line, host_properties, other_tests_line
+from .options import apx_artifacts, apx_backends, apx_cpu_profile
+from .plugin import get_probe
 
 _state_key = pytest.StashKey["_ItemState"]()
 _reports_key = pytest.StashKey["ApxReports"]()
@@ -52,7 +53,7 @@ def pytest_addhooks(pluginmanager) -> None:
     pluginmanager.add_hookspecs(_Hooks)
 
 
-@pytest.hookimpl(trylast=True)  # after apx_tests.plugin made the "apx" group
+@pytest.hookimpl(trylast=True)  # after apx_tests.pytest.plugin made the "apx" group
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("apx")
     group.addoption("--apx-ktap", metavar="FILE", default=None, dest="apx_ktap",
@@ -140,7 +141,7 @@ def _apx_junit_host_properties(request: pytest.FixtureRequest) -> None:
         return
     if not any(item.get_closest_marker("apx") for item in request.session.items):
         return
-    request.getfixturevalue("apx_probe")  # records apx_tests.plugin._junit_properties
+    request.getfixturevalue("apx_probe")  # records apx_tests.pytest.plugin._junit_properties
     record = request.getfixturevalue("record_testsuite_property")
     for name, value in host_properties(get_probe(config), apx_backends(config)).items():
         record(name, value)

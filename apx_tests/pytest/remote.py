@@ -1,4 +1,4 @@
-"""pytest side of remote runs (registered by apx_tests.plugin through `pytest_plugins`).
+"""pytest side of remote runs (registered by apx_tests.pytest.plugin through `pytest_plugins`).
 
 With ``--apx-host USER@HOST[:PORT]`` (repeatable; ini ``apx_hosts``) every collected KVM
 scenario case (a test taking the ``apx_case`` fixture with a ``kvm-...`` case) is replaced
@@ -25,9 +25,9 @@ import threading
 import pytest
 
 from ..cases import CaseId
-from ..plugin import apx_cpu_profile, apx_skip_or_fail
-from .hosts import HostSpec, HostSpecError, parse_hosts
-from .ssh import RemoteError, RemoteHost, SshOptions
+from ..remote.hosts import HostSpec, HostSpecError, parse_hosts
+from ..remote.ssh import RemoteError, RemoteHost, SshOptions
+from .options import apx_cpu_profile, apx_skip_or_fail
 
 FLEET_MODES = ("split", "each")
 _fleet_key = pytest.StashKey["Fleet"]()
@@ -35,7 +35,7 @@ _fleet_key = pytest.StashKey["Fleet"]()
 
 # --- options ------------------------------------------------------------------------------
 
-@pytest.hookimpl(trylast=True)  # after apx_tests.plugin made the "apx" group
+@pytest.hookimpl(trylast=True)  # after apx_tests.pytest.plugin made the "apx" group
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("apx")
     group.addoption("--apx-host", action="append", default=None, dest="apx_host", metavar="USER@HOST[:PORT]",
@@ -116,7 +116,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def ensure_fleet(config: pytest.Config, option: str) -> "Fleet":
     """This session's fleet, made (and its options checked) by the first option that adds
-    members to it: --apx-host here, --apx-place in apx_tests.remote.pytest_labgrid."""
+    members to it: --apx-host here, --apx-place in apx_tests.pytest.labgrid."""
     fleet = fleet_of(config)
     if fleet is not None:
         return fleet
@@ -174,7 +174,7 @@ class Fleet:
         self.remotes[spec] = remote or RemoteHost(spec, self.options, self.bundle)
 
     def bundle(self):
-        from .bundle import build_bundle
+        from ..remote.bundle import build_bundle
         with self._lock:
             if self._bundle is None:
                 self._bundle = build_bundle()

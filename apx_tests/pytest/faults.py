@@ -1,4 +1,4 @@
-"""pytest side of fault injection (registered by apx_tests.plugin through `pytest_plugins`).
+"""pytest side of fault injection (registered by apx_tests.pytest.plugin through `pytest_plugins`).
 
 ``--apx-inject FAULT`` runs every scenario case (tests taking the ``apx_case`` fixture)
 with FAULT applied between the backend and the scenario engine (apx_tests.faults): the
@@ -17,8 +17,8 @@ import re
 
 import pytest
 
-from .cases import BACKEND_FEATURES, CaseId
-from .faults import FAULTS
+from ..cases import BACKEND_FEATURES, CaseId
+from ..faults import FAULTS
 
 # The case id at the end of a node id; a kernel under test's prefix (kernel[R]-) stays on
 # it, so the tally tells the guest's cases from this host's.
@@ -26,7 +26,7 @@ _CASE_ID = re.compile(r"\[(?:[^\]\[]*-)?((?:kernel\[[^\]]*\]-)?(?:qemu-kvm|qemu-
 _tally_key = pytest.StashKey["_Tally"]()
 
 
-@pytest.hookimpl(trylast=True)  # after apx_tests.plugin made the "apx" group
+@pytest.hookimpl(trylast=True)  # after apx_tests.pytest.plugin made the "apx" group
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("apx")
     group.addoption("--apx-inject", choices=list(FAULTS), default=None, dest="apx_inject", metavar="FAULT",

@@ -1,9 +1,9 @@
-"""pytest side of labgrid places (registered by apx_tests.plugin through `pytest_plugins`).
+"""pytest side of labgrid places (registered by apx_tests.pytest.plugin through `pytest_plugins`).
 
 With ``--apx-place NAME`` (repeatable; ini ``apx_places``) the plugin asks the lab's
 labgrid coordinator (``--apx-coordinator``, else ``LG_COORDINATOR``) for each place and
 takes its SSH target from the place's NetworkService resource. The places join the fleet
-of apx_tests.remote.pytest_remote as PlaceHost members, so their cases are that module's
+of apx_tests.pytest.remote as PlaceHost members, so their cases are that module's
 RemoteCaseItems (``test_scenario[place[apx1/root@lab7:22]-kvm-ymm-import]``), split or run
 on each as ``--apx-fleet`` says, with the remote outcomes and a JUnit ``apx.place``.
 
@@ -27,14 +27,14 @@ import threading
 
 import pytest
 
-from .labgrid import Coordinator, LabError, PlaceHost, PlaceSpec, coordinator_address, labgrid_missing
-from .pytest_remote import RemoteCaseItem, _seconds, _value, ensure_fleet, fleet_of
+from ..remote.labgrid import Coordinator, LabError, PlaceHost, PlaceSpec, coordinator_address, labgrid_missing
+from .remote import RemoteCaseItem, _seconds, _value, ensure_fleet, fleet_of
 
 DEFAULT_TIMEOUT = 600
 _run_key = pytest.StashKey["PlaceRun"]()
 
 
-@pytest.hookimpl(trylast=True)  # after apx_tests.plugin made the "apx" group
+@pytest.hookimpl(trylast=True)  # after apx_tests.pytest.plugin made the "apx" group
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("apx")
     group.addoption("--apx-place", action="append", default=None, dest="apx_place", metavar="NAME",
@@ -149,7 +149,7 @@ def run_of(config: pytest.Config) -> PlaceRun | None:
     return config.stash.get(_run_key, None)
 
 
-@pytest.hookimpl(trylast=True)  # after pytest_remote: its --apx-host members come first
+@pytest.hookimpl(trylast=True)  # after apx_tests.pytest.remote: its --apx-host members come first
 def pytest_configure(config: pytest.Config) -> None:
     names = config.getoption("apx_place") or config.getini("apx_places")
     if not names or config.getoption("help", False):  # --help configures too: no coordinator for it
@@ -200,7 +200,7 @@ def pytest_runtestloop(session: pytest.Session) -> None:
     run.acquire_all(session)
 
 
-@pytest.hookimpl(trylast=True)  # after pytest_remote's unconfigure closed the fleet
+@pytest.hookimpl(trylast=True)  # after apx_tests.pytest.remote's unconfigure closed the fleet
 def pytest_unconfigure(config: pytest.Config) -> None:
     run = run_of(config)
     if run is None:

@@ -1,4 +1,4 @@
-"""pytest side of a kernel under test (registered by apx_tests.plugin through `pytest_plugins`).
+"""pytest side of a kernel under test (registered by apx_tests.pytest.plugin through `pytest_plugins`).
 
 With ``--apx-kernel KERNEL`` (repeatable; ini ``apx_kernel``) every collected KVM scenario
 case gets a twin item that runs inside a QEMU guest booted with KERNEL, against that
@@ -6,7 +6,7 @@ kernel's KVM: ``test_scenario[kernel[6.1.0-57-amd64]-kvm-ymm-import]`` next to
 ``test_scenario[kvm-ymm-import]`` (this host's KVM), so one run shows both, and ``-k
 kernel`` selects the guest's alone.  Without the option nothing here does anything.
 
-The items are apx_tests.remote.pytest_remote's RemoteCaseItem with a GuestHost
+The items are apx_tests.pytest.remote's RemoteCaseItem with a GuestHost
 (apx_tests.kut.guest) as their transport: one boot per kernel and session, started by the
 first item, the cases' outcomes and messages exactly the agent's.  A kernel that cannot
 be had, does not boot, or has no usable /dev/kvm makes every one of its items a skip with
@@ -25,16 +25,15 @@ import threading
 import pytest
 
 from ..cases import CaseId
-from ..plugin import apx_artifacts, apx_cpu_profile, apx_qemu, apx_skip_or_fail
-from ..remote.pytest_remote import RemoteCaseItem, _error_of
-from ..remote.ssh import RemoteError
-from .guest import GuestHost, GuestOptions, KernelSpec
-from . import kernel as kmod
+from ..kut import kernel as kmod
+from ..kut.guest import GuestHost, GuestOptions, KernelSpec
+from .options import apx_artifacts, apx_cpu_profile, apx_qemu, apx_skip_or_fail
+from .remote import RemoteCaseItem, _error_of
 
 _kernels_key = pytest.StashKey["KernelRuns"]()
 
 
-@pytest.hookimpl(trylast=True)  # after apx_tests.plugin made the "apx" group
+@pytest.hookimpl(trylast=True)  # after apx_tests.pytest.plugin made the "apx" group
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("apx")
     group.addoption("--apx-kernel", action="append", default=None, dest="apx_kernel", metavar="KERNEL",
@@ -215,7 +214,7 @@ class KernelCaseItem(RemoteCaseItem):
     def _save_artifacts(self, guest: GuestHost, result) -> None:
         """The case's record and the guest's console into this item's artifacts folder,
         when it is one that will be kept (a failure, or --apx-keep-artifacts)."""
-        from ..report_pytest import _item_state, apx_keep_artifacts
+        from .reporting import _item_state, apx_keep_artifacts
         state = _item_state(self)
         if state.staging is None:
             return
