@@ -13,6 +13,7 @@ from typing import Callable
 from ..backend import Backend, Session
 from ..guests import protocol
 from ..xsave import Bank, XsaveImage, diff_images, diff_registers, narrower_names
+from ..xsave.layout import XSTATE_BV_OFFSET
 
 # Patterns per stage: what the guest loads, what the host imports, garbage for init tests.
 LOADED, IMPORTED, GARBAGE = 1, 2, 3
@@ -122,34 +123,36 @@ def compare_images(want: XsaveImage, got: XsaveImage, bank: Bank, *, what: str) 
     then anything else by component, then the header."""
     lines = check_registers(got, {name: want.read(name) for name in bank.names}, what=what)
     lines += [f"{what}: outside {bank.name}: {d}" for d in diff_images(want, got, ignore=(bank,))]
-    if not lines and want.to_bytes() != _with_equivalent_bits_of(want, got).to_bytes():
+    if not lines and want.to_bytes() != equivalent_bytes(want, got):
         lines.append(f"{what}: XSTATE_BV {want.xstate_bv:#x} -> {got.xstate_bv:#x}, "
                      f"XCOMP_BV {want.xcomp_bv:#x} -> {got.xcomp_bv:#x} or padding bytes differ")
     return lines
 
 
-def _with_equivalent_bits_of(want: XsaveImage, got: XsaveImage) -> XsaveImage:
-    """`got`, where its XSTATE_BV differs from `want`'s only on components whose value is
-    the same either way, given `want`'s bit and bytes for them.
+def equivalent_bytes(want: XsaveImage, got: XsaveImage) -> bytes:
+    """`got`'s buffer, with `want`'s XSTATE_BV bit and raw bytes for every component whose
+    value is the same in both: what is left to differ is XCOMP_BV, padding and components
+    whose value really differs.
 
     A set XSTATE_BV bit over a component holding its init value is the same machine state
     as the bit clear (SDM vol. 1, 13.6: XINUSE[i] may be 1 while the state is in its init
     configuration), and CPUs differ in which they save: an AMD EPYC Zen 5 under KVM saves
     SSE's bit clear after a restore of all-zero XMM registers that a Zen 3 kept set.  The
-    value compare before this judged every register; what remains to compare raw is
-    XCOMP_BV, padding and a bit over a component whose value really differs."""
-    same = got.copy()
+    bytes under a clear bit are likewise not state (XSAVEOPT leaves them as they were)."""
+    data = bytearray(got.to_bytes())
+    same = 0
     for n in want.layout.components:
-        bit = 1 << n
-        if not (want.xstate_bv ^ got.xstate_bv) & bit:
-            continue
-        if want.component_offset(n) is None or got.component_offset(n) is None:
-            continue
+        at = got.component_offset(n)
+        if at is None or want.component_offset(n) is None:
+            continue  # a compacted image without the component: XCOMP_BV tells them apart
         if want.component_bytes(n) != got.component_bytes(n):
             continue
-        same.set_component_bytes(n, want.raw_component_bytes(n), mark=False)
-        same.xstate_bv = (same.xstate_bv & ~bit) | (want.xstate_bv & bit)
-    return same
+        raw = want.raw_component_bytes(n)
+        data[at:at + len(raw)] = raw
+        same |= 1 << n
+    xstate_bv = (got.xstate_bv & ~same) | (want.xstate_bv & same)
+    data[XSTATE_BV_OFFSET:XSTATE_BV_OFFSET + 8] = xstate_bv.to_bytes(8, "little")
+    return bytes(data)
 
 
 def check_view(view: dict[str, bytes], expected: dict[str, bytes], *, what: str
