@@ -16,7 +16,7 @@ Backend-specific extras (raw ioctls for the KVM ABI checks) are declared in `fea
 from __future__ import annotations
 
 import abc
-from typing import Callable
+from typing import Any, Callable
 
 from . import profiles
 from .guests import protocol
@@ -110,8 +110,17 @@ class Backend(abc.ABC):
     """Boots sessions for banks; knows which banks it can run and why not."""
 
     name: str
-    layout: Layout
-    profile: CpuProfile  # the CPU profile (--apx-cpu) its guests run under
+    # The machine its sessions run on (KvmHost, QemuHost): it holds the guest's XSAVE
+    # layout, the CPU profile (--apx-cpu) and whether that profile can be had.
+    host: Any
+
+    @property
+    def layout(self) -> Layout:
+        return self.host.layout
+
+    @property
+    def profile(self) -> CpuProfile:
+        return self.host.profile
 
     def unavailable_reason(self, bank: Bank) -> str | None:
         """None when `bank` can run on this backend under its CPU profile, else every
@@ -132,7 +141,7 @@ class Backend(abc.ABC):
         """Why this backend cannot provide its CPU profile (--apx-cpu) at all, or None.
         Such a skip is one lab mode (--apx-require) turns into a failure: the lab asked
         for that kind of host."""
-        return None
+        return self.host.profile_unavailable()
 
     def init_readout_unjudgeable(self, bank: Bank) -> str | None:
         """Why this backend's vCPU cannot show whether `bank`'s init state was loaded

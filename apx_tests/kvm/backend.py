@@ -144,17 +144,6 @@ class KvmBackend(Backend):
         self.host = host
         self.timeout = timeout
 
-    @property
-    def layout(self) -> Layout:
-        return self.host.layout
-
-    @property
-    def profile(self) -> CpuProfile:
-        return self.host.profile
-
-    def profile_unavailable(self) -> str | None:
-        return self.host.profile_unavailable()
-
     def host_unavailable(self, bank: Bank) -> str | None:
         missing = bank.xcr0_mask & ~self.host.supported_xcr0
         reasons = []

@@ -37,11 +37,10 @@ import weakref
 from dataclasses import dataclass
 from typing import Callable
 
-from .. import profiles
 from ..backend import Backend, BackendError, ImportRejected, Session
 from ..guests import boot, protocol
 from ..profiles import DEFAULT_PROFILE, PROFILES, CpuProfile
-from ..xsave import Bank, Layout, XsaveImage, narrower_names
+from ..xsave import Bank, XsaveImage, narrower_names
 from ..xsave.layout import component_name
 from .errors import QemuError
 from .host import FEATURES, QemuHost, _boot_failure_hint
@@ -77,17 +76,6 @@ class QemuBackend(Backend):
         self.accel = self.host.accel
         self.name = self.host.label
         self.features = FEATURES[self.accel]
-
-    @property
-    def layout(self) -> Layout:
-        return self.host.layout
-
-    @property
-    def profile(self) -> CpuProfile:
-        return self.host.profile
-
-    def profile_unavailable(self) -> str | None:
-        return self.host.profile_unavailable()
 
     def host_unavailable(self, bank: Bank) -> str | None:
         """What this QEMU and host lack for `bank`, apart from what the profile took away."""
