@@ -699,6 +699,23 @@ def test_equivalent_bytes_takes_want_only_where_the_value_is_the_same():
     assert compacted.component_offset(2) is None
     assert equivalent_bytes(compacted, live_zero)[576:832] == bytes(256)
     assert equivalent_bytes(compacted, live_zero)[512:520] == (0x7).to_bytes(8, "little")
+    # ... and the components after the missing one are still looked at (Zen 4): opmask (5,
+    # init value under a set bit in want) after AVX (2, not in want's XCOMP_BV).
+    zen4 = Layout.reference("amd-zen4")
+    k_zero = XsaveImage.build(zen4, {1: bytes(256), 5: bytes(64)}, compacted=True, xstate_bv=0x23, xcomp_bv=0x23)
+    assert k_zero.component_offset(2) is None
+    assert equivalent_bytes(k_zero, XsaveImage.build(zen4, {}, xstate_bv=0x3))[512:520] == (0x23).to_bytes(8, "little")
+    # A component whose value differs does not stop the ones after it: SSE differs, AVX
+    # (all zero in want, stale under a clear bit in got) is still taken from want.
+    sse_one = XsaveImage.build(zen3, {1: b"\x01" + bytes(255), 2: bytes(256)}, xstate_bv=0x7)
+    taken = equivalent_bytes(sse_one, stale)
+    assert taken[512:520] == (0x5).to_bytes(8, "little") and taken[576:832] == bytes(256)
+    assert taken[160:416] == b"\x11" * 256
+    # x87 (0) is judged like any other: a non-init FCW in want keeps got's clear bit 0.
+    legacy = bytearray(XsaveImage.build(zen3, {}).legacy_bytes())
+    legacy[0:2] = (0x027F).to_bytes(2, "little")
+    x87_set = XsaveImage.build(zen3, {}, xstate_bv=0x1, legacy=bytes(legacy))
+    assert equivalent_bytes(x87_set, XsaveImage.build(zen3, {}, xstate_bv=0x0))[512:520] == bytes(8)
 
 
 def test_init_state_judges_a_backend_that_says_it_keeps_the_bank(backend):
