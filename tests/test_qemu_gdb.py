@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from apx_tests import procfs
 from apx_tests.qemu.gdb import GDB_MISSING, GdbError, GdbSession
 from apx_tests.qemu.hmp import hmp_command, parse_info_registers, read_info_registers
 
@@ -640,31 +641,12 @@ def test_transcript_written(vm, tmp_path):
 
 def _alive(pid: int | None) -> bool:
     """True while ``pid`` is a gdb/QEMU process (a zombie counts: it was never reaped)."""
-    if pid is None:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.index("(") + 1:stat.rindex(")")].startswith(("gdb", "qemu-system"))
+    proc = None if pid is None else procfs.stat(pid)
+    return proc is not None and proc.comm.startswith(("gdb", "qemu-system"))
 
 
 def children_named(*names: str) -> list[tuple[int, str]]:
-    me, found = os.getpid(), []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        comm = stat[stat.index("(") + 1:stat.rindex(")")]
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-        if ppid == me and comm.startswith(names):
-            found.append((int(entry), comm))
-    return found
+    return [(p.pid, p.comm) for p in procfs.children() if p.comm.startswith(names)]
 
 
 def test_zz_no_leftover_processes_or_dirs():
