@@ -26,7 +26,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import process
 from ..cases import CaseResult
 from ..guests.build import GuestBuildError
 from ..guests import linux
@@ -464,18 +464,7 @@ class GuestHost:
     def _close(self) -> None:
         if self._threads and not self._started.is_set():
             self._started.wait(timeout=self.options.boot_timeout + 60)
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
-                try:
-                    os.killpg(proc.pid, sig)
-                except OSError:
-                    pass
-                try:
-                    proc.wait(timeout=wait)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+        process.stop(self._proc, grace=3.0, kill_wait=5.0, group=True)  # TERM, then KILL
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(timeout=10)
@@ -485,8 +474,7 @@ class GuestHost:
         if self.workdir is not None:
             if self.options.artifacts:
                 self._save_artifacts(Path(self.options.artifacts))
-            shutil.rmtree(self.workdir, ignore_errors=True)
-            if self.workdir.exists():
+            if not process.remove_tree(self.workdir):
                 self.cleanup_note = f"could not remove {self.workdir}"
         with self._cond:
             self._done = True
