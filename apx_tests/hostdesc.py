@@ -29,7 +29,8 @@ masks are hex strings; sizes are integers. Anything malformed raises
 ``HostDescriptionError``: one line naming the file and the key.
 
 This module is data only: it imports ``apx_tests.xsave`` and ``apx_tests.hostcpu`` lazily,
-and ``record_this_host`` (the one function that reads the live machine) ``apx_tests.kvm``.
+and ``record_this_host`` (the one function that reads the live machine) and
+``KvmDescription.entries()`` (KVM's own ``CpuidEntry``) ``apx_tests.kvm``.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 __all__ = [
-    "HostDescription", "KvmDescription", "HostDescriptionError", "CpuidLeaf",
+    "HostDescription", "KvmDescription", "HostDescriptionError",
     "record_this_host", "load", "parse_cpuid_key", "cpuid_key",
 ]
 
@@ -54,7 +55,6 @@ KVM_API_VERSION = 12  # the only KVM API version there has ever been (KVM_GET_AP
 # Leaves whose sub-leaf (ECX) matters: KVM marks their entries KVM_CPUID_FLAG_SIGNIFCANT_INDEX.
 _INDEXED_LEAVES = {4, 7, 0xB, 0xD, 0xF, 0x10, 0x12, 0x14, 0x17, 0x18, 0x1D, 0x1E, 0x1F, 0x20,
                    0x23, 0x24, 0x29, 0x8000001D, 0x80000020, 0x80000026}
-KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1
 
 # The leaves a recording keeps: enough for the probe, the banks and the XSAVE layout.
 _RECORDED_LEAVES = (0x0, 0x1, 0x7, 0xD)
@@ -73,24 +73,6 @@ class HostDescriptionError(ValueError):
         self.where, self.key, self.problem = where, key, problem
         text = f"{where}: {key}: {problem}" if key else f"{where}: {problem}"
         super().__init__(" ".join(text.split()))
-
-
-@dataclass(frozen=True)
-class CpuidLeaf:
-    """One CPUID entry with the attribute names of ``apx_tests.kvm.system.CpuidEntry``, so code
-    written against KVM_GET_SUPPORTED_CPUID's entries reads a description's too."""
-
-    function: int
-    index: int
-    flags: int
-    eax: int
-    ebx: int
-    ecx: int
-    edx: int
-
-    @property
-    def regs(self) -> Regs:
-        return (self.eax, self.ebx, self.ecx, self.edx)
 
 
 # --- keys and numbers ---------------------------------------------------------------------
@@ -179,8 +161,11 @@ class KvmDescription:
         """KVM's supported CPUID lists APX_F: CPUID.(EAX=7,ECX=1):EDX[21]."""
         return bool(self.cpuid(7, 1)[3] >> 21 & 1)
 
-    def entries(self) -> list[CpuidLeaf]:
-        return [CpuidLeaf(leaf, sub, KVM_CPUID_FLAG_SIGNIFCANT_INDEX if leaf in _INDEXED_LEAVES else 0, *regs)
+    def entries(self):
+        """``supported_cpuid`` as KVM_GET_SUPPORTED_CPUID's entries (``apx_tests.kvm.system.CpuidEntry``)."""
+        from .kvm.abi import KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+        from .kvm.system import CpuidEntry
+        return [CpuidEntry(leaf, sub, KVM_CPUID_FLAG_SIGNIFCANT_INDEX if leaf in _INDEXED_LEAVES else 0, *regs)
                 for (leaf, sub), regs in sorted(self.supported_cpuid.items())]
 
     def layout(self, source: str = "KVM_GET_SUPPORTED_CPUID"):

@@ -14,6 +14,21 @@ def test_scenario(apx_case):
 """
 
 
+@pytest.fixture(scope="module")
+def kvm_host():
+    """One KvmHost (/dev/kvm, KVM's supported CPUID and XSAVE facts) per test module;
+    the module is skipped where KVM is unavailable."""
+    from apx_tests.kvm.backend import KvmHost
+    from apx_tests.kvm.system import KvmUnavailable
+
+    try:
+        host = KvmHost()
+    except KvmUnavailable as exc:
+        pytest.skip(f"KVM unavailable: {exc}")
+    yield host
+    host.close()
+
+
 @pytest.fixture
 def suite(pytester):
     """A pytester tree holding SUITE, for running the plugin's cases in-process."""

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from apx_tests import procfs
+
 REPO = Path(__file__).resolve().parents[1]
 BOOTSTRAP = REPO / "ci" / "bootstrap"
 IN_DEBIAN13 = REPO / "ci" / "in-debian13"
@@ -561,15 +563,7 @@ def mounts_under(root: Path) -> list[str]:
 
 def processes_in(root: Path) -> list[int]:
     """Processes whose root directory is `root` (chrooted there)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.readlink(entry / "root") == str(root):
-                    found.append(int(entry.name))
-            except OSError:
-                pass
-    return found
+    return [pid for pid in procfs.pids() if procfs.root(pid) == str(root)]
 
 
 needs_root_and_unshare = pytest.mark.skipif(

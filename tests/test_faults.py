@@ -17,8 +17,7 @@ from apx_tests.cases import BACKEND_FEATURES, CaseId, CaseRunner
 from apx_tests.faults import (FAULTS, NO_FAULT, FaultySession, problems, run_matrix, summarize,
                               swap_pair, target)
 from apx_tests.guests.build import build_payload
-from apx_tests.kvm.backend import KvmBackend, KvmHost
-from apx_tests.kvm.system import KvmUnavailable
+from apx_tests.kvm.backend import KvmBackend
 from apx_tests.scenarios import SCENARIOS, Run, ScenarioFailure
 from apx_tests.xsave import BANKS, Layout, XsaveImage, diff_registers
 
@@ -127,13 +126,8 @@ def test_every_fault_is_described_and_applies_somewhere():
 # --- the proxy --------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def kvm():
-    try:
-        host = KvmHost()
-    except KvmUnavailable as exc:
-        pytest.skip(f"KVM unavailable: {exc}")
-    yield KvmBackend(host)
-    host.close()
+def kvm(kvm_host):
+    return KvmBackend(kvm_host)
 
 
 def test_proxy_forwards_what_the_fault_leaves_alone(kvm):

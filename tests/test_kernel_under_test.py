@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from apx_tests import procfs
 from apx_tests.cases import CaseResult
 from apx_tests.pytest.faults import _CASE_ID
 from apx_tests.kut import kernel as kmod
@@ -47,15 +48,7 @@ def debian_tree():
 def _leftovers() -> tuple[set[str], set[int]]:
     """Work directories and QEMU processes of kernel-under-test guests that exist now."""
     dirs = {str(p) for p in Path(os.environ.get("TMPDIR", "/tmp")).glob("apx-kut.*")}
-    pids = set()
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmdline = (proc / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"qemu-system" in cmdline and b"apx-kut." in cmdline:
-                pids.add(int(proc.name))
+    pids = {pid for pid, cmdline in procfs.cmdlines() if b"qemu-system" in cmdline and b"apx-kut." in cmdline}
     return dirs, pids
 
 

@@ -16,21 +16,15 @@ import pytest
 from apx_tests.guests import protocol
 from apx_tests.guests.build import build_payload
 from apx_tests.kvm import abi
-from apx_tests.kvm.backend import KvmHost
-from apx_tests.kvm.system import KvmUnavailable, Vcpu
+from apx_tests.kvm.system import Vcpu
 from apx_tests.kvm.vmm import MAILBOX, PAYLOAD, MicroVm
 
 OUTB_IMM8 = 0xE6  # `outb %al, $imm8`, the payload's sync instruction (guests/payload/common.S)
 
 
 @pytest.fixture(scope="module")
-def host():
-    try:
-        host = KvmHost()
-    except KvmUnavailable as exc:
-        pytest.skip(f"KVM unavailable: {exc}")
-    yield host
-    host.close()
+def host(kvm_host):
+    return kvm_host
 
 
 @pytest.fixture

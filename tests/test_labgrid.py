@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from apx_tests import procfs
 from apx_tests.cases import case_ids
 from apx_tests.remote.labgrid import HELPER_CODE, Coordinator
 from apx_tests.remote.testing import (LabgridUnavailable, LocalLabgrid, LocalSshd, alive, free_port,
@@ -138,11 +139,8 @@ def stray_helpers() -> list[int]:
     a child pytest's helper outliving it would be re-parented, so its parent is not us."""
     out = []
     for pid, _ in processes_matching(HELPER_CODE):
-        try:
-            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid != os.getpid():
+        proc = procfs.stat(pid)
+        if proc is not None and proc.ppid != os.getpid():
             out.append(pid)
     return out
 

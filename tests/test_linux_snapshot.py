@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from apx_tests import procfs
 from apx_tests.guests import build, linux, linux_kernel, linux_programs
 from apx_tests.guests.linux_kernel import KernelUnavailable
 from apx_tests.qemu import linux_session
@@ -171,20 +172,7 @@ def env():
 
 def _children() -> list[tuple[int, str]]:
     """(pid, comm) of this process's children, zombies included."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        comm = stat[stat.index("(") + 1:stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[1]) == os.getpid():
-            out.append((int(entry), f"{comm} ({fields[0]})"))
-    return out
+    return [(p.pid, f"{p.comm} ({p.state})") for p in procfs.children()]
 
 
 def assert_nothing_left(run: LinuxHolderRun) -> None:
@@ -194,7 +182,7 @@ def assert_nothing_left(run: LinuxHolderRun) -> None:
     children = _children()
     for pid in run.pids:
         # Gone from /proc, or (pid reused) no longer our child: reaped either way.
-        assert not os.path.exists(f"/proc/{pid}") or pid not in [p for p, _ in children], \
+        assert not procfs.exists(pid) or pid not in [p for p, _ in children], \
             f"QEMU pid {pid} still exists: {children}"
     left = [p for p in run.temp_paths if os.path.exists(p)]
     assert left == [], left

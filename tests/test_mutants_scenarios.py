@@ -12,8 +12,7 @@ from __future__ import annotations
 import pytest
 
 from apx_tests.guests.build import build_payload
-from apx_tests.kvm.backend import KvmBackend, KvmHost
-from apx_tests.kvm.system import KvmUnavailable
+from apx_tests.kvm.backend import KvmBackend
 from apx_tests.scenarios import SCENARIOS, Run, ScenarioFailure
 from apx_tests.xsave import BANKS, XsaveImage
 
@@ -21,13 +20,8 @@ LOADED = 1  # the stage whose pattern the guest loads (docs/scenarios.md)
 
 
 @pytest.fixture(scope="module")
-def backend():
-    try:
-        host = KvmHost()
-    except KvmUnavailable as exc:
-        pytest.skip(f"KVM unavailable: {exc}")
-    yield KvmBackend(host)
-    host.close()
+def backend(kvm_host):
+    return KvmBackend(kvm_host)
 
 
 def runnable(backend, name):

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from apx_tests import procfs
 from apx_tests.backend import BackendError
 from apx_tests.cases import cases
 from apx_tests.probe import BANK_ORDER
@@ -53,18 +54,7 @@ def _runnable(backend, bank_name):
 
 
 def _children(names=("qemu-system-x86", "gdb")) -> list[str]:
-    me, out = str(os.getpid()), []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as fh:
-                comm, rest = fh.read().split(" (", 1)[1].rsplit(") ", 1)
-        except (OSError, IndexError, ValueError):
-            continue
-        if rest.split()[1] == me and comm in names:
-            out.append(f"{pid} {comm}")
-    return out
+    return [f"{p.pid} {p.comm}" for p in procfs.children() if p.comm in names]
 
 
 # --- availability -------------------------------------------------------------------------
@@ -224,7 +214,7 @@ def test_hang_is_one_line_and_nothing_remains(backend):
         backend.host.timeout = saved
     assert str(err.value) == (f"{backend.name} xmm: no '0' on debugcon within 0.5 s; debugcon 'blu' "
                               f"(waiting for stage 0, last stage none)")
-    assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split(") ")[1][0] == "Z"
+    assert not procfs.alive(pid)  # gone, or a zombie
 
 
 def test_phases_of_one_scenario(backend, capsys):

@@ -6,10 +6,11 @@ the gdbstub on Unix sockets in a private 0700 temp dir, and kills/reaps it after
 Two guest states are used:
 
 * *reset*: ``-S`` and no kernel; the vCPU sits at the reset vector in real mode.
-* *long mode*: a 4 KiB multiboot guest (assembled here from ``GUEST_S`` with binutils)
-  that enters 64-bit mode, sets XCR0 = x87|SSE|AVX, loads known values into rbx and
-  r8-r15 and spins on a ``go`` word; ``go = 1`` makes it load ymm5 and two x87 values
-  (AVX at CPL0: TCG only -- this machine's nested KVM cannot emulate it) and halt.
+* *long mode*: the project's multiboot boot stub (apx_tests.guests.boot: 64-bit mode,
+  XCR0 = x87|SSE|AVX) entering a payload assembled here from ``GUEST_S`` (llvm-mc,
+  apx_tests.guests.build) that loads known values into rbx and r8-r15 and spins on a
+  ``go`` word; ``go = 1`` makes it load ymm5 and two x87 values and spin again
+  (stage 2 is exercised under TCG only).
 
 The helpers here (``QemuVm``, ``build_guest``, fixtures) are also used by
 tests/test_qemu_hmp.py.
@@ -30,6 +31,9 @@ from pathlib import Path
 
 import pytest
 
+from apx_tests import procfs
+from apx_tests.guests import boot
+from apx_tests.guests.build import GuestBuildError, assemble_object, flat_code
 from apx_tests.qemu.gdb import GDB_MISSING, GdbError, GdbSession
 from apx_tests.qemu.hmp import hmp_command, parse_info_registers, read_info_registers
 
@@ -170,45 +174,18 @@ def wait_for(predicate, what: str, timeout: float = 10.0):
 # ---------------------------------------------------------------------------
 # The long-mode guest
 
-GUEST_S = r"""
-        .set MB_MAGIC, 0x1BADB002
-        .set MB_FLAGS, 0
+# The payload the project's boot stub (guests/boot/multiboot.S, apx_tests.guests.boot)
+# enters at CPL3 in 64-bit mode, with XCR0 = 7 (build_boot_image(..., xcr0=7)).  `marker`
+# and `go` sit at fixed offsets from the payload's start (PAYLOAD_ADDR).
+MARKER_OFFSET, GO_OFFSET = 8, 12
+GUEST_S = rf"""
         .text
-        .code32
-        .globl _start, marker, go
-        .align 4
-mb_header:
-        .long MB_MAGIC, MB_FLAGS, -(MB_MAGIC + MB_FLAGS)
-_start:
-        cli
-        movl $pdpt + 3, pml4
-        movl $pd + 3, pdpt
-        movl $0x83, pd                   # 2 MiB identity page at 0
-        movl $pml4, %eax
-        movl %eax, %cr3
-        movl %cr4, %eax
-        orl $(1 << 5) | (1 << 9) | (1 << 10) | (1 << 18), %eax   # PAE OSFXSR OSXMMEXCPT OSXSAVE
-        movl %eax, %cr4
-        movl $0xC0000080, %ecx
-        rdmsr
-        orl $(1 << 8), %eax              # EFER.LME
-        wrmsr
-        movl %cr0, %eax
-        andl $~(1 << 2), %eax            # EM off
-        orl $0x80000003, %eax            # PG MP PE
-        movl %eax, %cr0
-        lgdt gdtr
-        ljmp $0x08, $long64
-        .code64
-long64:
-        movl $0x10, %eax
-        movl %eax, %ds
-        movl %eax, %es
-        movl %eax, %ss
-        xorl %ecx, %ecx
-        movl $7, %eax                    # XCR0 = x87 | SSE | AVX
-        xorl %edx, %edx
-        xsetbv
+        jmp     start
+        .org {MARKER_OFFSET}
+marker: .long 0
+        .org {GO_OFFSET}
+go:     .long 0
+start:
         movabsq $0x0123456789abcdef, %rbx
         movabsq $0x8888888888888801, %r8
         movabsq $0x9999999999999902, %r9
@@ -228,26 +205,15 @@ long64:
         fldt x87_a(%rip)
         fldt x87_b(%rip)                 # ST0 = b, ST1 = a, TOP = 6
         movl $2, marker(%rip)
-3:      hlt
+3:      pause                            # CPL3: no hlt; spin until QMP stop
         jmp 3b
-        .align 16
-gdt:    .quad 0, 0x00209A0000000000, 0x0000920000000000
-gdtr:   .word gdtr - gdt - 1
-        .long gdt
-        .align 16
+        .p2align 4
 ymm_pattern:
         .byte 0x40,0x41,0x42,0x43,0x44,0x45,0x46,0x47,0x48,0x49,0x4a,0x4b,0x4c,0x4d,0x4e,0x4f
         .byte 0x50,0x51,0x52,0x53,0x54,0x55,0x56,0x57,0x58,0x59,0x5a,0x5b,0x5c,0x5d,0x5e,0x5f
 x87_a:  .byte 0x11,0x22,0x33,0x44,0x55,0x66,0x77,0x88,0x01,0x40
-        .align 2
+        .p2align 1
 x87_b:  .byte 0xa1,0xa2,0xa3,0xa4,0xa5,0xa6,0xa7,0xc8,0xfe,0xbf
-        .align 4
-marker: .long 0
-go:     .long 0
-        .align 4096
-pml4:   .fill 4096, 1, 0
-pdpt:   .fill 4096, 1, 0
-pd:     .fill 4096, 1, 0
 """
 
 GUEST_GPRS = {
@@ -268,19 +234,16 @@ class Guest:
 
 
 def build_guest(directory: Path) -> Guest:
-    as_, ld, nm = shutil.which("as"), shutil.which("ld"), shutil.which("nm")
-    if not (as_ and ld and nm):
-        pytest.skip("binutils (as, ld, nm) not installed: cannot build the long-mode test guest")
-    src, obj, elf = directory / "guest.S", directory / "guest.o", directory / "guest.elf"
+    """GUEST_S assembled with the project's builder (llvm-mc) and appended to the boot stub."""
+    src = directory / "guest.S"
     src.write_text(GUEST_S)
-    subprocess.run([as_, "--32", "-o", str(obj), str(src)], check=True, capture_output=True)
-    subprocess.run([ld, "-m", "elf_i386", "-N", "-Ttext", "0x100000", "-e", "_start", "--no-warn-rwx-segments",
-                    "-o", str(elf), str(obj)], check=True, capture_output=True)
-    symbols = {}
-    for line in subprocess.run([nm, str(elf)], check=True, capture_output=True, text=True).stdout.splitlines():
-        addr, _, name = line.split()
-        symbols[name] = int(addr, 16)
-    return Guest(str(elf), symbols["marker"], symbols["go"])
+    try:
+        code = flat_code(assemble_object(src), src)
+        image = boot.build_boot_image(code, xcr0=0x7)  # x87 | SSE | AVX
+    except GuestBuildError as exc:
+        pytest.skip(f"cannot build the long-mode test guest: {exc}")
+    base = image.stub["PAYLOAD_ADDR"]
+    return Guest(str(image.path), base + MARKER_OFFSET, base + GO_OFFSET)
 
 
 @pytest.fixture(scope="session")
@@ -330,8 +293,8 @@ def long_vm(accel, guest):
 
 
 def run_stage2(machine: QemuVm, guest: Guest) -> None:
-    """Release the guest (go = 1): it loads ymm5 and ST0/ST1 (TOP = 6) and halts. TCG only."""
-    assert machine.accel == "tcg", "stage 2 runs AVX/x87 at CPL0: TCG only on this machine"
+    """Release the guest (go = 1): it loads ymm5 and ST0/ST1 (TOP = 6) and spins. TCG only."""
+    assert machine.accel == "tcg", "stage 2 (AVX/x87) is exercised under TCG only"
     with machine.gdb() as g:
         g.write_memory(guest.go, (1).to_bytes(4, "little"))
         g.detach()                                       # resumes the VM
@@ -640,31 +603,12 @@ def test_transcript_written(vm, tmp_path):
 
 def _alive(pid: int | None) -> bool:
     """True while ``pid`` is a gdb/QEMU process (a zombie counts: it was never reaped)."""
-    if pid is None:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.index("(") + 1:stat.rindex(")")].startswith(("gdb", "qemu-system"))
+    proc = None if pid is None else procfs.stat(pid)
+    return proc is not None and proc.comm.startswith(("gdb", "qemu-system"))
 
 
 def children_named(*names: str) -> list[tuple[int, str]]:
-    me, found = os.getpid(), []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        comm = stat[stat.index("(") + 1:stat.rindex(")")]
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-        if ppid == me and comm.startswith(names):
-            found.append((int(entry), comm))
-    return found
+    return [(p.pid, p.comm) for p in procfs.children() if p.comm.startswith(names)]
 
 
 def test_zz_no_leftover_processes_or_dirs():

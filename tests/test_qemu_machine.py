@@ -19,6 +19,7 @@ import time
 
 import pytest
 
+from apx_tests import procfs
 from apx_tests.guests import boot, protocol
 from apx_tests.guests.build import build_payload
 from apx_tests.qemu import machine as qm
@@ -29,12 +30,7 @@ from apx_tests.qemu.spec import MachineSpec, our_temp_dirs, sweep_stale_dirs
 GPA = boot.DEFAULT_MAILBOX_GPA
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+_alive = procfs.alive
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from typing import Callable
 
 import pytest
 
+from apx_tests import procfs
 from apx_tests.backend import BackendError
 from apx_tests.cases import CaseId, CaseRunner
 from apx_tests.guests import boot, protocol
@@ -283,24 +284,7 @@ def test_a_real_kvm_node_opens_with_dac_override():
 
 def _children() -> list[tuple[int, str, str]]:
     """(pid, comm, state) of every descendant process of this one, zombies included."""
-    parent_of: dict[int, tuple[int, str, str]] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as fh:
-                text = fh.read()
-        except OSError:
-            continue
-        comm = text[text.index("(") + 1:text.rindex(")")]
-        state, ppid = text[text.rindex(")") + 2:].split()[:2]
-        parent_of[int(name)] = (int(ppid), comm, state)
-    ours, frontier = [], {os.getpid()}
-    while frontier:
-        found = [(pid, comm, state) for pid, (ppid, comm, state) in parent_of.items() if ppid in frontier]
-        ours += found
-        frontier = {pid for pid, _, _ in found}
-    return ours
+    return [(p.pid, p.comm, p.state) for p in procfs.descendants()]
 
 
 def _resources() -> dict:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from apx_tests import procfs
 from apx_tests.cases import case_ids
 from apx_tests.remote.testing import (LocalSshd, free_port, junit_outcomes, keygen, processes_matching,
                                       run_apx_suite, sshd_unavailable_reason)
@@ -33,7 +34,7 @@ def sshd():
     yield server
     pid, directory = server.process.pid, server.dir
     server.stop()
-    assert not os.path.exists(f"/proc/{pid}/stat") or not server.pids(), "sshd still running"
+    assert not procfs.exists(pid) or not server.pids(), "sshd still running"
     assert not directory.exists(), "sshd temp dir left behind"
 
 

@@ -12,8 +12,7 @@ import pytest
 from apx_tests.backend import BackendError
 from apx_tests.guests import protocol
 from apx_tests.guests.build import build_payload
-from apx_tests.kvm.backend import KvmBackend, KvmHost
-from apx_tests.kvm.system import KvmUnavailable
+from apx_tests.kvm.backend import KvmBackend
 from apx_tests.scenarios import SCENARIOS, Run, ScenarioFailure
 from apx_tests.xsave import BANKS
 
@@ -23,13 +22,8 @@ TARGETS = [("hi16_zmm", "zmm23", 37), ("zmm_hi256", "zmm9", 50), ("opmask", "k5"
 
 
 @pytest.fixture(scope="module")
-def backend():
-    try:
-        host = KvmHost()
-    except KvmUnavailable as exc:
-        pytest.skip(f"KVM unavailable: {exc}")
-    yield KvmBackend(host)
-    host.close()
+def backend(kvm_host):
+    return KvmBackend(kvm_host)
 
 
 def _runnable(backend, bank_name):

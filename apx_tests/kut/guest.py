@@ -26,7 +26,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -36,10 +35,11 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import process
 from ..cases import CaseResult
 from ..guests.build import GuestBuildError
 from ..guests import linux
-from ..remote.ssh import RemoteError, Timings
+from ..remote.transport import AgentTransport, RemoteError, Timings
 from . import kernel as kmod
 
 INIT_SOURCE = "kut/init.c"
@@ -131,7 +131,7 @@ def parse_record(line: str) -> dict | None:
 
 
 @dataclass
-class GuestHost:
+class GuestHost(AgentTransport):
     spec: KernelSpec
     options: GuestOptions
     bundle: object  # callable -> apx_tests.remote.bundle.Bundle (built once per session)
@@ -149,18 +149,11 @@ class GuestHost:
     workdir: Path | None = None
     unusable: bool = False            # the start error means "this kernel cannot run the cases here"
 
+    THREAD_PREFIX = "apx-kut"
+
     def __post_init__(self) -> None:
-        self._cond = threading.Condition()
-        self._started = threading.Event()
-        self._start_error: RemoteError | None = None
-        self._broken: RemoteError | None = None
-        self._done = False
-        self._done_record: dict | None = None
-        self._last_progress = time.monotonic()
+        self._init_transport()
         self._proc: subprocess.Popen | None = None
-        self._threads: list[threading.Thread] = []
-        self._closed = False
-        self._close_done = threading.Event()
         self.booted_at: float | None = None
         self.seconds: dict[str, float] = {}
         self.qemu_argv: list[str] = []
@@ -175,44 +168,25 @@ class GuestHost:
         return RemoteError(self.spec, phase, message, text=text)
 
     # --- start -------------------------------------------------------------------------
-    def start_async(self, case_ids: list[str]) -> None:
-        self.cases = list(case_ids)
-        thread = threading.Thread(target=self._start, name=f"apx-kut-start {self.label}", daemon=True)
-        self._threads.append(thread)
-        thread.start()
-
     def start(self, case_ids: list[str]) -> None:
         """start_async and wait for the boot (tests, ci/bench)."""
         self.start_async(case_ids)
         self.wait_started()
 
-    def _start(self) -> None:
+    def _bring_up(self) -> None:
         began = time.monotonic()
-        try:
-            self._prepare()
-            self.seconds["prepare"] = time.monotonic() - began
-            if self._closed:
-                raise self.error("boot", "the session ended before QEMU was started")
-            self._launch()
-            self._wait_for_agent()
-        except RemoteError as exc:
-            self._start_error = exc
-        except (kmod.KernelError, GuestBuildError, linux.KernelUnavailable) as exc:
+        self._prepare()
+        self.seconds["prepare"] = time.monotonic() - began
+        if self._closed:
+            raise self.error("boot", "the session ended before QEMU was started")
+        self._launch()
+        self._wait_for_agent()
+
+    def _start_failure(self, exc: Exception) -> RemoteError:
+        if isinstance(exc, (kmod.KernelError, GuestBuildError, linux.KernelUnavailable)):
             self.unusable = True
-            self._start_error = self.error("kernel", str(exc))
-        except Exception as exc:  # a bug must still be one line and not hang the items
-            self._start_error = self.error("boot", f"{type(exc).__name__}: {exc}")
-        finally:
-            self._started.set()
-
-    @property
-    def start_error(self) -> RemoteError | None:
-        return self._start_error if self._started.is_set() else None
-
-    def wait_started(self) -> None:
-        self._started.wait()
-        if self._start_error is not None:
-            raise self._start_error
+            return self.error("kernel", str(exc))
+        return self.error("boot", f"{type(exc).__name__}: {exc}")
 
     def _prepare(self) -> None:
         self.tree = kmod.resolve(self.spec.spec, self.spec.modules)
@@ -277,9 +251,7 @@ class GuestHost:
         except OSError as exc:
             raise self.error("boot", f"cannot start {argv[0]}: {exc.strerror or exc}") from None
         self.booted_at = self._last_progress = time.monotonic()
-        thread = threading.Thread(target=self._follow, name=f"apx-kut-records {self.label}", daemon=True)
-        self._threads.append(thread)
-        thread.start()
+        self._spawn(self._follow, "records")
 
     def _wait_for_agent(self) -> None:
         """Until the agent's hello: what /init said on the way (modules, /dev/kvm), or
@@ -287,7 +259,7 @@ class GuestHost:
         deadline = self.booted_at + self.options.boot_timeout
         with self._cond:
             while not self.hello:
-                if self._done:
+                if self._ended:
                     raise self._boot_failure()
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -351,9 +323,7 @@ class GuestHost:
         finally:
             if handle is not None:
                 handle.close()
-            with self._cond:
-                self._done = True
-                self._cond.notify_all()
+            self._end_of_output()
 
     def _line(self, line: str) -> None:
         record = parse_record(line)
@@ -361,26 +331,20 @@ class GuestHost:
             return
         with self._cond:
             self._last_progress = time.monotonic()
-            kind = record["kind"]
-            if kind == "case":
-                result = CaseResult.from_json(record)
-                self.results[result.id] = result
-            elif kind == "hello":
-                self.hello = record
-                self.seconds["hello_uptime"] = self._uptime()
-            elif kind == "probe":
-                self.probe_lines = list(record.get("lines", []))
-            elif kind == "guest":
-                self.guest_events.append(record)
-                if record.get("event") == "kvm":
-                    self.kvm_state = record.get("detail")
-            elif kind == "done":
-                self._done_record = record
-                if self.booted_at is not None:
-                    self.timings.run = time.monotonic() - self.booted_at
-                    self.seconds["total"] = self.timings.run
-                self.seconds["cases"] = float(record.get("duration", 0.0))
-            self._cond.notify_all()
+            self._take(record)
+
+    def _took(self, kind: str, record: dict) -> None:
+        if kind == "hello":
+            self.seconds["hello_uptime"] = self._uptime()
+        elif kind == "guest":
+            self.guest_events.append(record)
+            if record.get("event") == "kvm":
+                self.kvm_state = record.get("detail")
+        elif kind == "done":
+            if self.booted_at is not None:
+                self.timings.run = time.monotonic() - self.booted_at
+                self.seconds["total"] = self.timings.run
+            self.seconds["cases"] = float(record.get("duration", 0.0))
 
     def _uptime(self) -> float:
         for event in reversed(self.guest_events):
@@ -388,24 +352,8 @@ class GuestHost:
                 return float(event["uptime"])
         return 0.0
 
-    def result(self, case_id: str) -> CaseResult:
-        self.wait_started()
-        timeout = self.options.timeout
-        with self._cond:
-            while case_id not in self.results:
-                if self._broken is not None:
-                    raise self.error(self._broken.phase, f"no result for {case_id}: {self._broken.reason}")
-                if self._done:
-                    raise self._ended_without(case_id)
-                remaining = self._last_progress + timeout - time.monotonic()
-                if remaining <= 0:
-                    self._broken = self.error("run", f"no result for {case_id} within {timeout:g} s")
-                    break
-                self._cond.wait(min(remaining, 1.0))
-            else:
-                return self.results[case_id]
-        self.close()
-        raise self._broken
+    def _result_timeout(self) -> float:
+        return self.options.timeout
 
     def _ended_without(self, case_id: str) -> RemoteError:
         exits = [e["detail"] for e in self.guest_events if e.get("event") in ("exit", "exec")]
@@ -418,14 +366,8 @@ class GuestHost:
         """Until the agent's "done" record (its last line) arrived or the guest ended."""
         end = time.monotonic() + timeout
         with self._cond:
-            while self._done_record is None and not self._done and time.monotonic() < end:
+            while self._done_record is None and not self._ended and time.monotonic() < end:
                 self._cond.wait(0.5)
-
-    def counts(self) -> dict[str, int]:
-        counts = {"pass": 0, "fail": 0, "skip": 0}
-        for result in self.results.values():
-            counts[result.outcome] = counts.get(result.outcome, 0) + 1
-        return counts
 
     @property
     def kvm_xcr0(self) -> str | None:
@@ -447,35 +389,12 @@ class GuestHost:
             return ""
 
     # --- the end ---------------------------------------------------------------------------
-    def close(self) -> None:
-        """Stop QEMU (TERM, then KILL), save the session's console and records under
-        --apx-artifacts, remove the work directory.  Idempotent; never raises."""
-        with self._cond:
-            closing = self._closed
-            self._closed = True
-        if closing:
-            self._close_done.wait(timeout=60)
-            return
-        try:
-            self._close()
-        finally:
-            self._close_done.set()
-
     def _close(self) -> None:
+        """Stop QEMU (TERM, then KILL), save the session's console and records under
+        --apx-artifacts, remove the work directory."""
         if self._threads and not self._started.is_set():
             self._started.wait(timeout=self.options.boot_timeout + 60)
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
-                try:
-                    os.killpg(proc.pid, sig)
-                except OSError:
-                    pass
-                try:
-                    proc.wait(timeout=wait)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+        process.stop(self._proc, grace=3.0, kill_wait=5.0, group=True)  # TERM, then KILL
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(timeout=10)
@@ -485,12 +404,9 @@ class GuestHost:
         if self.workdir is not None:
             if self.options.artifacts:
                 self._save_artifacts(Path(self.options.artifacts))
-            shutil.rmtree(self.workdir, ignore_errors=True)
-            if self.workdir.exists():
+            if not process.remove_tree(self.workdir):
                 self.cleanup_note = f"could not remove {self.workdir}"
-        with self._cond:
-            self._done = True
-            self._cond.notify_all()
+        self._end_of_output()
 
     def _save_artifacts(self, root: Path) -> None:
         dest = root / f"kernel-{self.spec.release}"

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
 
+from .. import process
 from ..guests import linux, linux_kernel, linux_programs
 from ..probe import find_qemu, parse_qemu_version
 from ..xsave import BANKS
@@ -109,7 +109,7 @@ def probe_boot(accel: str, qemu: str | None, kernel: str | os.PathLike | None,
     except QemuError as exc:
         return str(exc), time.perf_counter() - t0
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        process.remove_tree(workdir)
 
 
 def tcg_no_apx_reason(qemu: str | None = None, kernel: str | os.PathLike | None = None) -> str:

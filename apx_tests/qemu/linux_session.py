@@ -39,13 +39,13 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from .. import process
 from ..backend import BackendError
 from ..guests import linux, linux_programs
 from ..xsave import BANKS
@@ -477,7 +477,7 @@ class LinuxHolderRun:
         try:
             self.kill_boot()
         finally:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+            process.remove_tree(self.workdir)
 
     def __enter__(self) -> "LinuxHolderRun":
         return self

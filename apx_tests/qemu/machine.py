@@ -42,6 +42,7 @@ import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import process
 from .errors import QemuError, QemuUnavailable
 from .qmp import QmpConnection, QmpTimeout
 from .spec import MachineSpec, _die_with_parent, _private_tmp_root, sweep_stale_dirs, temp_prefix
@@ -508,28 +509,10 @@ class Machine:
             return
         self._closed = True
         try:
-            if self.proc is not None and self.proc.poll() is None:
-                try:
-                    self.proc.kill()
-                except ProcessLookupError:
-                    pass
-            if self.proc is not None:
-                try:
-                    self.exit_code = self.proc.wait() if self.exit_code is None else self.exit_code
-                except Exception:
-                    pass
-            if self.qmp_client is not None:
-                try:
-                    self.qmp_client.close()
-                except Exception:
-                    pass
-                self.qmp_client = None
-            for sock in [self._dbg, self._con, self._qmp_sock, *self._listeners.values()]:
-                if sock is not None:
-                    try:
-                        sock.close()
-                    except OSError:
-                        pass
+            self.exit_code = process.stop(self.proc, exit_code=self.exit_code)
+            process.close_quietly(self.qmp_client)
+            self.qmp_client = None
+            process.close_quietly(self._dbg, self._con, self._qmp_sock, *self._listeners.values(), errors=(OSError,))
             self._dbg = self._con = self._qmp_sock = None
             self._listeners.clear()
             if self._pidfd is not None:
@@ -539,15 +522,11 @@ class Machine:
                 self._stderr_file.close()
             self._save_artifacts()
         finally:
-            if self.memory is not None and not self.memory.closed:
-                try:
-                    self.memory.close()
-                except BufferError:
-                    pass
+            process.close_quietly(self.memory, errors=(BufferError,))
             if self._ram_fd is not None:
                 os.close(self._ram_fd)
                 self._ram_fd = None
-            shutil.rmtree(self.workdir, ignore_errors=True)
+            process.remove_tree(self.workdir)
             _LIVE.discard(self)
 
     def __enter__(self) -> "Machine":

@@ -24,7 +24,6 @@ import logging
 import os
 import shlex
 import socket
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -33,22 +32,11 @@ from typing import Callable
 from .bundle import BUNDLE_NAME, Bundle
 from ..cases import CaseResult
 from .hosts import HostSpec
+from .transport import AgentTransport, RemoteError, Timings
 
 PHASES = ("connect", "upload", "run", "collect")
 PID_MARKER = "apx-agent-pid"
 REMOTE_DIR_PREFIX = "apx-remote."
-
-
-class RemoteError(RuntimeError):
-    """A remote host could not do its part; str() is one line naming host and phase."""
-
-    def __init__(self, host: HostSpec, phase: str, message: str, *, text: str | None = None):
-        self.host = host
-        self.phase = phase
-        self.reason = " ".join(str(message).split())
-        prefix = getattr(host, "prefix", None) or f"apx-host {host.label}"
-        line = text or f"{prefix}: {phase}: {self.reason}"
-        super().__init__(" ".join(line.split()))
 
 
 @dataclass
@@ -102,21 +90,7 @@ def _quiet_paramiko() -> None:
 
 
 @dataclass
-class Timings:
-    acquire: float | None = None  # a labgrid place: from asking for it to holding it
-    connect: float | None = None
-    upload: float | None = None
-    run: float | None = None      # from launching the agent to its "done" line
-
-    def text(self) -> str:
-        parts = [f"{name} {value:.2f} s" for name, value in
-                 (("acquire", self.acquire), ("connect", self.connect), ("upload", self.upload),
-                  ("run", self.run)) if value is not None]
-        return ", ".join(parts) or "not started"
-
-
-@dataclass
-class RemoteHost:
+class RemoteHost(AgentTransport):
     spec: HostSpec
     options: SshOptions
     bundle: Callable[[], Bundle]
@@ -135,17 +109,11 @@ class RemoteHost:
     cases: list[str] = field(default_factory=list)
     cleanup_note: str | None = None
 
+    THREAD_PREFIX = "apx-remote"
+    STOPPED_AFTER = "the agent was stopped after "
+
     def __post_init__(self) -> None:
-        self._cond = threading.Condition()
-        self._started = threading.Event()
-        self._start_error: RemoteError | None = None
-        self._broken: RemoteError | None = None
-        self._reader_done = False
-        self._done_record: dict | None = None
-        self._last_progress = time.monotonic()
-        self._threads: list[threading.Thread] = []
-        self._closed = False
-        self._close_done = threading.Event()
+        self._init_transport()
         self._launched_at: float | None = None
 
     @property
@@ -156,41 +124,20 @@ class RemoteHost:
         return RemoteError(self.spec, phase, message, **kw)
 
     # --- start: connect, upload, launch ------------------------------------------------
-    def start_async(self, case_ids: list[str]) -> None:
-        self.cases = list(case_ids)
-        thread = threading.Thread(target=self._start, name=f"apx-remote-start {self.label}", daemon=True)
-        self._threads.append(thread)
-        thread.start()
-
     def prepare(self) -> None:
         """Before connecting: nothing for a plain host (a labgrid place checks that it holds
         the place, apx_tests.remote.labgrid)."""
 
-    def _start(self) -> None:
-        try:
-            self.prepare()
-            self.connect()
-            self.upload()
-            if self._closed:
-                raise self.error("run", "the session ended before the agent was started")
-            self.launch()
-        except RemoteError as exc:
-            self._start_error = exc
-        except Exception as exc:  # a bug here must still be one line, and not hang the items
-            self._start_error = self.error("connect" if self.client is None else "run",
-                                           f"{type(exc).__name__}: {exc}")
-        finally:
-            self._started.set()
+    def _bring_up(self) -> None:
+        self.prepare()
+        self.connect()
+        self.upload()
+        if self._closed:
+            raise self.error("run", "the session ended before the agent was started")
+        self.launch()
 
-    @property
-    def start_error(self) -> RemoteError | None:
-        return self._start_error if self._started.is_set() else None
-
-    def wait_started(self) -> None:
-        """Block until connect/upload/launch finished; raise their error (every time)."""
-        self._started.wait()
-        if self._start_error is not None:
-            raise self._start_error
+    def _start_failure(self, exc: Exception) -> RemoteError:
+        return self.error("connect" if self.client is None else "run", f"{type(exc).__name__}: {exc}")
 
     def connect(self) -> None:
         import paramiko
@@ -325,10 +272,8 @@ class RemoteHost:
             raise self.error("run", f"cannot start the agent: {exc}") from None
         self.channel = channel
         self._launched_at = self._last_progress = time.monotonic()
-        for target, name in ((self._read_stdout, "stdout"), (self._read_stderr, "stderr")):
-            thread = threading.Thread(target=target, name=f"apx-remote-{name} {self.label}", daemon=True)
-            self._threads.append(thread)
-            thread.start()
+        self._spawn(self._read_stdout, "stdout")
+        self._spawn(self._read_stderr, "stderr")
 
     # --- collect -------------------------------------------------------------------------
     def _read_stdout(self) -> None:
@@ -339,9 +284,7 @@ class RemoteHost:
             with self._cond:
                 self.stray.append(f"(reading stopped: {type(exc).__name__}: {exc})")
         finally:
-            with self._cond:
-                self._reader_done = True
-                self._cond.notify_all()
+            self._end_of_output()
 
     def _read_stderr(self) -> None:
         try:
@@ -363,45 +306,21 @@ class RemoteHost:
                 return
             try:
                 record = json.loads(line)
-                kind = record["kind"]
+                record["kind"]  # a record is an object with a kind (else KeyError/TypeError)
             except (ValueError, KeyError, TypeError):
                 if line.strip():
                     self.stray.append(line)
                 return
-            if kind == "case":
-                result = CaseResult.from_json(record)
-                self.results[result.id] = result
-            elif kind == "hello":
-                self.hello = record
-            elif kind == "probe":
-                self.probe_lines = list(record.get("lines", []))
-                self.probe_facts = record.get("facts", {})
-            elif kind == "done":
-                self._done_record = record
-                if self._launched_at is not None:
-                    self.timings.run = time.monotonic() - self._launched_at
-            self._cond.notify_all()
+            self._take(record)
 
-    def result(self, case_id: str) -> CaseResult:
-        """The case's result, waiting as long as the agent makes progress."""
-        self.wait_started()
-        timeout = self.options.run_timeout
-        with self._cond:
-            while case_id not in self.results:
-                if self._broken is not None:
-                    raise self.error(self._broken.phase,
-                                     f"no result for {case_id}: the agent was stopped after {self._broken.reason}")
-                if self._reader_done:
-                    raise self._ended_without(case_id)
-                remaining = self._last_progress + timeout - time.monotonic()
-                if remaining <= 0:
-                    self._broken = self.error("run", f"no result for {case_id} within {timeout:g} s")
-                    break
-                self._cond.wait(remaining)
-            else:
-                return self.results[case_id]
-        self.close()  # stop the silent agent now; the remaining cases fail fast
-        raise self._broken
+    def _took(self, kind: str, record: dict) -> None:
+        if kind == "probe":
+            self.probe_facts = record.get("facts", {})
+        elif kind == "done" and self._launched_at is not None:
+            self.timings.run = time.monotonic() - self._launched_at
+
+    def _result_timeout(self) -> float:
+        return self.options.run_timeout
 
     def _ended_without(self, case_id: str) -> RemoteError:
         """The agent's output ended before `case_id` was reported: say why, in one line."""
@@ -427,21 +346,8 @@ class RemoteHost:
         return self.error("collect", f"connection lost before {case_id} was reported{detail}")
 
     # --- the end ---------------------------------------------------------------------------
-    def close(self) -> None:
-        """Kill the agent's process group, remove the remote directory, disconnect.
-        Idempotent; never raises (what it could not do goes to `cleanup_note`)."""
-        with self._cond:
-            closing = self._closed
-            self._closed = True
-        if closing:  # another thread closes: wait for it, so the caller may exit after us
-            self._close_done.wait(timeout=60)
-            return
-        try:
-            self._close()
-        finally:
-            self._close_done.set()
-
     def _close(self) -> None:
+        """Kill the agent's process group, remove the remote directory, disconnect."""
         if self._threads and not self._started.is_set():
             # Still connecting or uploading (e.g. Ctrl-C early): let that finish (each step has
             # its timeout) so what it creates remotely is cleaned up below, not after us.
@@ -478,12 +384,4 @@ class RemoteHost:
                 self.client.close()
             except Exception:
                 pass
-        with self._cond:
-            self._reader_done = True
-            self._cond.notify_all()
-
-    def counts(self) -> dict[str, int]:
-        counts = {"pass": 0, "fail": 0, "skip": 0}
-        for result in self.results.values():
-            counts[result.outcome] = counts.get(result.outcome, 0) + 1
-        return counts
+        self._end_of_output()

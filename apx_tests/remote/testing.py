@@ -28,6 +28,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import procfs
+from ..procfs import alive
 from .hosts import HostSpec
 
 SSHD = "/usr/sbin/sshd"
@@ -61,39 +63,9 @@ def keygen(path: Path, comment: str) -> str:
     return Path(str(path) + ".pub").read_text().strip()
 
 
-def _children(pid: int) -> list[int]:
-    """Direct children of `pid`, from /proc."""
-    kids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == pid:
-            kids.append(int(entry))
-    return kids
-
-
 def descendants(pid: int) -> list[int]:
-    out, pending = [], [pid]
-    while pending:
-        for kid in _children(pending.pop()):
-            out.append(kid)
-            pending.append(kid)
-    return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+    """Every descendant pid of `pid` (zombies included)."""
+    return [p.pid for p in procfs.descendants(pid)]
 
 
 class LocalSshd:
@@ -260,16 +232,12 @@ class LocalSshd:
 def processes_matching(*needles: str) -> list[tuple[int, str]]:
     """(pid, command line) of every live process whose command line contains a needle."""
     found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
+    for pid, raw in procfs.cmdlines():
+        if pid == os.getpid():
             continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:
-            continue
-        if cmdline and alive(int(entry)) and any(n in cmdline for n in needles):
-            found.append((int(entry), cmdline))
+        cmdline = raw.replace(b"\0", b" ").decode(errors="replace").strip()
+        if cmdline and alive(pid) and any(n in cmdline for n in needles):
+            found.append((pid, cmdline))
     return found
 
 
