@@ -28,11 +28,6 @@ from .initramfs import Entry, File, _as_entry, build_initramfs
 from .linux_kernel import KernelUnavailable, find_kernel, pvh_kernel
 from .linux_programs import HOLDER, STAGES, build_holder, build_init
 
-# apx_tests.kut.guest reaches these as linux.NAME: kept importable here for it.
-from .build import guests_dir  # noqa: F401
-from .initramfs import Directory  # noqa: F401
-from .linux_programs import (CFLAGS, _cached_build, _cc_version, _compile, _digest,  # noqa: F401
-                             _file_digest, find_cc)
 
 # --- constants shared with guests/linux/*.c ----------------------------------------------
 

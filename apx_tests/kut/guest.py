@@ -38,7 +38,9 @@ from pathlib import Path
 from .. import process
 from ..cases import CaseResult
 from ..guests.build import GuestBuildError
-from ..guests import linux
+from ..guests import linux, linux_programs as programs
+from ..guests.build import guests_dir
+from ..guests.initramfs import Directory
 from ..remote.transport import AgentTransport, RemoteError, Timings
 from . import kernel as kmod
 
@@ -104,13 +106,13 @@ def host_vendor() -> str:
 
 def build_init() -> Path:
     """Static /init from guests/kut/init.c (cached like the Linux guests' programs)."""
-    source = linux.guests_dir() / INIT_SOURCE
+    source = guests_dir() / INIT_SOURCE
     if not source.is_file():
         raise GuestBuildError(f"kernel-under-test init source missing: guests/{INIT_SOURCE}")
-    cc = linux.find_cc()
-    digest = linux._digest("kut-init", cc=linux._cc_version(cc), flags=list(linux.CFLAGS),
-                           sources=[linux._file_digest(source)])
-    return linux._cached_build("kut-init", digest, lambda tmp, out: linux._compile(cc, [source], out))
+    cc = programs.find_cc()
+    digest = programs._digest("kut-init", cc=programs._cc_version(cc), flags=list(programs.CFLAGS),
+                           sources=[programs._file_digest(source)])
+    return programs._cached_build("kut-init", digest, lambda tmp, out: programs._compile(cc, [source], out))
 
 
 def guest_python() -> str:
@@ -211,10 +213,10 @@ class GuestHost(AgentTransport):
             argv += ["--inject", self.options.inject]
         files: dict[str, linux.Entry] = {
             "init": build_init(),
-            "kut": linux.Directory(),
+            "kut": Directory(),
             "kut/argv": b"\0".join(a.encode() for a in argv) + b"\0",
             "kut/modules": "".join(f"{name}.ko\n" for name, _ in plan).encode(),
-            "newroot": linux.Directory(),
+            "newroot": Directory(),
         }
         for name, elf in plan:
             files[f"kut/{name}.ko"] = elf
