@@ -69,3 +69,23 @@ def remove_tree(path: str | os.PathLike | None) -> bool:
         return True
     shutil.rmtree(path, ignore_errors=True)
     return not os.path.lexists(path)
+
+
+class Closing:
+    """`with` closes, and so does the garbage collector as a last resort (a test that
+    dropped its object must not leave a QEMU behind); close() must be idempotent."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass

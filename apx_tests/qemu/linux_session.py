@@ -190,7 +190,7 @@ class RestoreResult:
 # --- the run ------------------------------------------------------------------------------------
 
 
-class LinuxHolderRun:
+class LinuxHolderRun(process.Closing):
     """One Linux guest holding `bank` (or, with `ctx`, two holders of it on one vCPU),
     booted once, snapshotted once, restored as often as asked (each time in a new QEMU)."""
 
@@ -478,15 +478,3 @@ class LinuxHolderRun:
             self.kill_boot()
         finally:
             process.remove_tree(self.workdir)
-
-    def __enter__(self) -> "LinuxHolderRun":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass

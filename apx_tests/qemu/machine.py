@@ -81,7 +81,7 @@ class _Timing:
         self.phases[name] = self.phases.get(name, 0.0) + seconds
 
 
-class Machine:
+class Machine(process.Closing):
     """One QEMU process (see the module docstring).  Construct = start; close() always."""
 
     def __init__(self, spec: MachineSpec, *, preload: dict[int, bytes] | None = None,
@@ -528,18 +528,6 @@ class Machine:
                 self._ram_fd = None
             process.remove_tree(self.workdir)
             _LIVE.discard(self)
-
-    def __enter__(self) -> "Machine":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def __repr__(self) -> str:
         state = "running" if self.running else f"exited {self.exit_code}"
