@@ -89,3 +89,12 @@ class Closing:
             self.close()
         except Exception:
             pass
+
+
+def kill_survivors(pids) -> None:
+    """SIGKILL whichever of `pids` still live (after a polite stop had its chance)."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass

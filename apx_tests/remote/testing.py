@@ -28,7 +28,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import procfs
+from .. import process, procfs
 from ..procfs import alive
 from .hosts import HostSpec
 
@@ -206,12 +206,7 @@ class LocalSshd:
             deadline = time.monotonic() + 5
             while any(alive(pid) for pid in victims) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            for pid in victims:
-                if alive(pid):
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+            process.kill_survivors(pid for pid in victims if alive(pid))
         shutil.rmtree(self.dir, ignore_errors=True)
         # PRIVSEP_DIR stays: it is Debian's standard (empty) runtime directory, and another
         # sshd started meanwhile may need it.
@@ -491,12 +486,7 @@ class LocalLabgrid:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=5)
-            for pid in victims:
-                if alive(pid):
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+            process.kill_survivors(pid for pid in victims if alive(pid))
         self.exporter = self.coordinator = None
         shutil.rmtree(self.dir, ignore_errors=True)
 
