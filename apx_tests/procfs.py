@@ -96,3 +96,19 @@ def cmdline(pid: int) -> bytes | None:
 def cmdlines() -> list[tuple[int, bytes]]:
     """(pid, raw command line) of every process whose command line is readable now."""
     return [(pid, line) for pid in pids() if (line := cmdline(pid)) is not None]
+
+
+def environ(pid: int) -> bytes | None:
+    """The process's environment as the kernel holds it (NUL-separated), or None."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def has_env(pid: int, name: str, value: str) -> bool:
+    """Whether the process was started with `name=value` in its environment (inherited by
+    every descendant, even one re-parented after its parent died)."""
+    env = environ(pid)
+    return env is not None and f"{name}={value}".encode() in env.split(b"\0")

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import uuid
+
 import pytest
+
+from apx_tests.remote.testing import RUN_TAG
+
+# Every process this run starts inherits the tag: leak checks count only this run's
+# processes, not another run's on the same host (processes_matching(this_run=True)).
+os.environ.setdefault(RUN_TAG, f"{os.getpid()}-{uuid.uuid4().hex[:12]}")
 
 # The shipped scenario suite in miniature: one generated test per case (apx_case).
 SUITE = """

@@ -94,7 +94,7 @@ def lab(hosts):
     finally:
         server.stop()
     assert [pid for pid in pids if alive(pid)] == [], "coordinator or exporter still running"
-    assert processes_matching("labgrid-coordinator", "labgrid-exporter") == []
+    assert processes_matching("labgrid-coordinator", "labgrid-exporter", this_run=True) == []
     assert not server.dir.exists()
 
 
@@ -138,7 +138,7 @@ def stray_helpers() -> list[int]:
     """labgrid helpers not started by this process (the observer's is ours, module-long):
     a child pytest's helper outliving it would be re-parented, so its parent is not us."""
     out = []
-    for pid, _ in processes_matching(HELPER_CODE):
+    for pid, _ in processes_matching(HELPER_CODE, this_run=True):
         proc = procfs.stat(pid)
         if proc is not None and proc.ppid != os.getpid():
             out.append(pid)

@@ -224,11 +224,21 @@ class LocalSshd:
         self.stop()
 
 
-def processes_matching(*needles: str) -> list[tuple[int, str]]:
-    """(pid, command line) of every live process whose command line contains a needle."""
+# Set once per test run (tests/conftest.py) and inherited by every process the run starts,
+# directly or through a child pytest: a leak check that asks for it sees this run's
+# processes only, not those of another run on the same host.
+RUN_TAG = "APX_TEST_RUN"
+
+
+def processes_matching(*needles: str, this_run: bool = False) -> list[tuple[int, str]]:
+    """(pid, command line) of every live process whose command line contains a needle;
+    with `this_run`, only those started under this run's RUN_TAG."""
     found = []
+    tag = os.environ.get(RUN_TAG) if this_run else None
     for pid, raw in procfs.cmdlines():
         if pid == os.getpid():
+            continue
+        if this_run and (tag is None or not procfs.has_env(pid, RUN_TAG, tag)):
             continue
         cmdline = raw.replace(b"\0", b" ").decode(errors="replace").strip()
         if cmdline and alive(pid) and any(n in cmdline for n in needles):
