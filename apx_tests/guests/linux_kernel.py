@@ -131,49 +131,84 @@ def fetch_kernel(package: str | None = None) -> Path:
         return extract_kernel(debs[0], dest)
 
 
+class DebData:
+    """The data tarball of a .deb, streamed from ``dpkg-deb --fsys-tarfile`` (one read, no
+    unpacking to disk).  dpkg-deb runs in its own process group: it forks a decompressor,
+    and both must go when the reader stops early.  A tar or I/O error while reading ends
+    the ``with`` block quietly and is kept in ``failure``; afterwards ``stderr`` holds what
+    dpkg-deb said and ``complete`` whether it read to the end and exited 0.
+
+        with DebData(deb, KernelError) as data:
+            for member in data.members():
+                ... data.read(member) ...
+    """
+
+    def __init__(self, deb: Path, error: type[Exception]):
+        self.deb, self.error = deb, error
+        self.failure: str | None = None
+        self.stderr = b""
+        self.complete = False
+        self._read_all = False
+        self._tar: tarfile.TarFile | None = None
+
+    def __enter__(self) -> "DebData":
+        self._errors = tempfile.TemporaryFile()
+        try:
+            self._proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(self.deb)], stdout=subprocess.PIPE,
+                                          stderr=self._errors, start_new_session=True)
+        except OSError as exc:
+            self._errors.close()
+            raise self.error(f"cannot unpack {self.deb.name}: dpkg-deb: {exc.strerror or exc}") from None
+        return self
+
+    def members(self):
+        self._tar = tarfile.open(fileobj=self._proc.stdout, mode="r|")
+        yield from self._tar
+        self._read_all = True
+
+    def read(self, member: tarfile.TarInfo) -> bytes:
+        return self._tar.extractfile(member).read()
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        quiet = exc_type is not None and issubclass(exc_type, (tarfile.TarError, OSError))
+        if quiet:
+            self.failure = str(exc)
+        if not self._read_all:
+            try:
+                os.killpg(self._proc.pid, 9)
+            except OSError:
+                pass
+        self._proc.stdout.close()
+        self._proc.wait()
+        self.complete = self._read_all and self._proc.returncode == 0
+        self._errors.seek(0)
+        self.stderr = self._errors.read()
+        self._errors.close()
+        return quiet
+
+
 def extract_kernel(deb: Path, dest: Path) -> Path:
     """Copy boot/vmlinuz-* and boot/config-* from a kernel .deb into `dest`.
 
-    Reads dpkg-deb's data tarball as a stream and stops after boot/ (which comes
-    first in Debian kernel packages), so the modules are never unpacked.
+    Stops reading after boot/ (which comes first in Debian kernel packages), so the
+    modules are never unpacked.
     """
     kernel = None
-    with tempfile.TemporaryFile() as errors:
-        try:
-            # Its own process group: dpkg-deb forks a decompressor, and both must go
-            # when we stop reading early.
-            proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE,
-                                    stderr=errors, start_new_session=True)
-        except OSError as exc:
-            raise KernelUnavailable(f"cannot unpack {deb.name}: dpkg-deb: {exc.strerror or exc}") from None
-        failure = None
-        try:
-            with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
-                for member in tar:
-                    name = member.name.removeprefix("./")
-                    if not name.startswith("boot/"):
-                        if kernel is not None and name.split("/")[0] not in ("", "boot"):
-                            break  # boot/ is done
-                        continue
-                    base = name[len("boot/"):]
-                    if member.isfile() and (base.startswith("vmlinuz-") or base.startswith("config-")):
-                        _write_atomically(dest / base, tar.extractfile(member).read())
-                        (dest / base).chmod(0o644)
-                        if base.startswith("vmlinuz-"):
-                            kernel = dest / base
-        except (tarfile.TarError, OSError) as exc:
-            failure = str(exc)
-        finally:
-            try:
-                os.killpg(proc.pid, 9)
-            except OSError:
-                pass
-            proc.stdout.close()
-            proc.wait()
-        errors.seek(0)
-        stderr = errors.read()
+    with DebData(deb, KernelUnavailable) as data:
+        for member in data.members():
+            name = member.name.removeprefix("./")
+            if not name.startswith("boot/"):
+                if kernel is not None and name.split("/")[0] not in ("", "boot"):
+                    break  # boot/ is done
+                continue
+            base = name[len("boot/"):]
+            if member.isfile() and (base.startswith("vmlinuz-") or base.startswith("config-")):
+                _write_atomically(dest / base, data.read(member))
+                (dest / base).chmod(0o644)
+                if base.startswith("vmlinuz-"):
+                    kernel = dest / base
     if kernel is None:
-        detail = _last_line(stderr) if stderr.strip() else (failure or "no boot/vmlinuz-* in it")
+        detail = _last_line(data.stderr) if data.stderr.strip() else (data.failure or "no boot/vmlinuz-* in it")
         raise KernelUnavailable(f"cannot unpack {deb.name}: {detail}")
     return check_kernel_image(kernel)
 

@@ -33,13 +33,12 @@ import os
 import re
 import shutil
 import subprocess
-import tarfile
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..guests.elf import ElfError, read_sections
-from ..guests.linux_kernel import check_kernel_image, kernel_release, KernelUnavailable
+from ..guests.linux_kernel import DebData, check_kernel_image, kernel_release, KernelUnavailable
 from ..guests.linux_programs import _cache_base
 
 DEBIAN = "debian"
@@ -360,42 +359,28 @@ def _unpack_pass(deb: Path, dest: Path, want: set[str], *, first: bool) -> dict[
     """One read of the .deb's data: writes what is wanted, returns every module's
     (depends, kept)."""
     infos: dict[str, tuple[list[str], bool]] = {}
-    with tempfile.TemporaryFile() as errors:
-        try:
-            proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE,
-                                    stderr=errors, start_new_session=True)
-        except OSError as exc:
-            raise KernelError(f"cannot unpack {deb.name}: dpkg-deb: {exc.strerror or exc}") from None
-        failure = None
-        try:
-            with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
-                for member in tar:
-                    name = member.name.removeprefix("./")
-                    if not member.isfile() or ".." in name.split("/"):
-                        continue
-                    keep_file = name.startswith("boot/vmlinuz-") or name.startswith("boot/config-") or (
-                        re.fullmatch(r"(usr/)?lib/modules/[^/]+/modules\.(builtin|order|builtin\.modinfo)", name))
-                    if keep_file:
-                        if first:
-                            _write(dest / name, tar.extractfile(member).read())
-                        continue
-                    if not name.endswith(_MODULE_SUFFIXES) or "/modules/" not in name:
-                        continue
-                    mod = module_name(name)
-                    if mod not in want:
-                        infos.setdefault(mod, ([], False))  # exists; its depends= do not matter
-                        continue
-                    _write(dest / name, tar.extractfile(member).read())
-                    infos[mod] = (depends_of(decompress_module(dest / name)), True)
-        except (tarfile.TarError, OSError) as exc:
-            failure = str(exc)
-        finally:
-            proc.stdout.close()
-            proc.wait()
-        errors.seek(0)
-        stderr = errors.read().decode(errors="replace").strip()
-    if proc.returncode != 0 or failure:
-        raise KernelError(f"cannot unpack {deb.name}: {(stderr.splitlines() or [failure or 'dpkg-deb failed'])[-1]}")
+    with DebData(deb, KernelError) as data:
+        for member in data.members():
+            name = member.name.removeprefix("./")
+            if not member.isfile() or ".." in name.split("/"):
+                continue
+            keep_file = name.startswith("boot/vmlinuz-") or name.startswith("boot/config-") or (
+                re.fullmatch(r"(usr/)?lib/modules/[^/]+/modules\.(builtin|order|builtin\.modinfo)", name))
+            if keep_file:
+                if first:
+                    _write(dest / name, data.read(member))
+                continue
+            if not name.endswith(_MODULE_SUFFIXES) or "/modules/" not in name:
+                continue
+            mod = module_name(name)
+            if mod not in want:
+                infos.setdefault(mod, ([], False))  # exists; its depends= do not matter
+                continue
+            _write(dest / name, data.read(member))
+            infos[mod] = (depends_of(decompress_module(dest / name)), True)
+    if not data.complete or data.failure:
+        stderr = data.stderr.decode(errors="replace").strip()
+        raise KernelError(f"cannot unpack {deb.name}: {(stderr.splitlines() or [data.failure or 'dpkg-deb failed'])[-1]}")
     return infos
 
 
