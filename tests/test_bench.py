@@ -144,6 +144,7 @@ def test_bench_prints_python_and_c_rows_and_a_ratio(runnable, tmp_path):
     assert goals["gdb stale-socket error", "total"] == ("<=", 3000, "ms")
     assert goals["migration 1GiB tcg", "parse"] == ("<=", 5000, "ms")
     assert goals[f"linux-tcg boot to ready {BANK}", "total"] == ("<=", 3000, "ms")
+    assert goals[f"linux-tcg ready snapshot to ready {BANK}", "total"] == ("<=", 1000, "ms")
     assert goals["linux-tcg stop during spin", "xmm/ymm"] == (">=", 0.3, "×")
     assert goals["linux-tcg ctx-ymm pair", "spins"] == (">=", 100, "spins")
     assert {g["verdict"] for g in data["goals"]} <= {"PASS", "MISS"}

@@ -32,6 +32,11 @@ from .linux_programs import HOLDER, STAGES, build_holder, build_init
 # --- constants shared with guests/linux/*.c ----------------------------------------------
 
 DEFAULT_RUN = ("xmm", "ymm", "x87", "ctx-ymm")  # init.c: DEFAULT_RUN
+COMMAND_WORD = "apx-run"  # init.c: the console command a waiting /init (apx.wait=console) takes
+WAITING_LINE = "# apx-init: waiting for apx-run"  # init.c: printed when it starts to wait
+COMMAND_RE = re.compile(r"^# apx-init: command (?P<number>\d+) run=(?P<run>\S+) load=(?P<load>-?\d+) "
+                        r"expect=(?P<expect>-?\d+)")  # init.c: the command it took
+BUSY_PREFIX = "# apx-init: busy"  # init.c: an apx-run line while a command runs (a used state)
 RELEASE_LINE = "apx-release"  # init.c: sent on the console, ends the spin (apx.release=console)
 DONE_PREFIX = "# apx-init: done"  # the last line /init prints before powering off
 EXIT_STATUS_PASS, EXIT_STATUS_FAIL = 1, 2  # apx.exit=PORT values (QEMU exits 3 / 5)
@@ -104,11 +109,13 @@ def host_tsc_khz() -> int | None:
 def kernel_cmdline(run: Iterable[str] = DEFAULT_RUN, *, load: int = 1, expect: int | None = None,
                    spin_ms: int | None = None, release: str = "deadline", cpu: int | None = None,
                    exit_port: int | None = None, timeout_ms: int | None = None, accel: str = "tcg",
-                   tsc_khz: int | None = None, extra: Iterable[str] = ()) -> str:
+                   tsc_khz: int | None = None, wait: bool = False, extra: Iterable[str] = ()) -> str:
     """The -append string: serial console, quiet, and the apx.* settings /init reads.
 
     Under TCG it adds tsc_early_khz= (the host's TSC rate): without it the kernel's
     PIT calibration of the TSC fails now and then on a loaded host and the boot hangs.
+    With `wait` /init waits for a `command_line()` on the console instead of running
+    `run` (apx.wait=console: the shared boot, docs/linux-guests.md).
     """
     items = list(run)
     for item in items:
@@ -131,10 +138,25 @@ def kernel_cmdline(run: Iterable[str] = DEFAULT_RUN, *, load: int = 1, expect: i
             words.append(f"apx.{key}={value}")
     if release == "console":
         words.append("apx.release=console")
+    if wait:
+        words.append("apx.wait=console")
     if exit_port is not None:
         words.append(f"apx.exit={exit_port:#x}")
     words += list(extra)
     return " ".join(words)
+
+
+def command_line(run: Iterable[str], *, load: int = 1, expect: int | None = None) -> str:
+    """The console line a waiting /init (apx.wait=console) takes in place of
+    apx.run/apx.load/apx.expect: ``apx-run ITEM,... load=S [expect=S]``."""
+    items = list(run)
+    for item in items:
+        if not re.fullmatch(r"(ctx-)?\w+(@[A-Za-z0-9_.-]+)?", item):
+            raise ValueError(f"apx.run item {item!r}: want [ctx-]BANK[@PROGRAM]")
+    for what, stage in (("load", load), ("expect", expect)):
+        if stage is not None and not 0 <= stage < STAGES:
+            raise ValueError(f"{what} stage {stage}: the holder has stages 0..{STAGES - 1}")
+    return f"{COMMAND_WORD} {','.join(items)} load={load}" + ("" if expect is None else f" expect={expect}")
 
 
 @dataclass(frozen=True)

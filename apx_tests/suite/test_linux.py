@@ -23,8 +23,13 @@ kernel, or where the probe fails).  Each case records it as the JUnit properties
 Banks the chosen accelerator cannot run (under TCG: APX, the AVX-512 banks) skip with the
 reason; so does everything when no guest kernel is cached (KernelUnavailable, one line:
 run ci/bootstrap or set APX_KERNEL), when QEMU is missing, or when --apx-backend leaves
-qemu-tcg-linux out.  About 3 s per boot under TCG; a restore case boots twice, a
-ctxswitch case once.  See docs/linux-guests.md.
+qemu-tcg-linux out.
+
+The boot is shared (linux_session.ReadyGuest): the first case that runs boots the guest
+once to /init's waiting state and saves it; every run (a restore case has two, a
+ctxswitch case one) restores that 'ready' snapshot in a fresh QEMU and sends its item as
+a console command; the guest must say it is its first command (tests/test_linux_shared_boot.py
+proves a used state is refused).  See docs/linux-guests.md.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from apx_tests.profiles import PROFILES, exclusion
 from apx_tests.qemu.backend import QemuBackend
 from apx_tests.qemu.host import QemuHost
 from apx_tests.qemu.linux_accel import choose_accel, unavailable_reason
-from apx_tests.qemu.linux_session import LinuxHolderRun, flip_target
+from apx_tests.qemu.linux_session import LinuxHolderRun, ReadyGuest, flip_target
 from apx_tests.qemu.errors import QemuUnavailable
 from apx_tests.qemu.spec import find_qemu
 from apx_tests.xsave import BANKS
@@ -72,10 +77,11 @@ def linux_env(pytestconfig):
         pytest.skip(str(exc))
     choice = choose_accel(qemu, kernel)  # remembered for the session (no probe boot on kvm_pvm)
     env = {"qemu": qemu, "kernel": kernel, "cpu": None, "profile_unavailable": None, "accel": choice.accel,
-           "accel_why": choice.why, "backend": None}
+           "accel_why": choice.why, "backend": None, "ready": None}
     profile = PROFILES[apx_cpu_profile(pytestconfig)]
     if not profile.restricts and choice.accel == "tcg":
-        yield env
+        with ReadyGuest(accel=choice.accel, qemu=qemu, kernel=kernel) as env["ready"]:
+            yield env
         return
     # The profile's -cpu, and whether the accelerator's guest can provide it (and under KVM
     # which banks the guest CPU has): one probe boot of the QEMU backend's stub under that
@@ -84,7 +90,8 @@ def linux_env(pytestconfig):
     try:
         env.update(cpu=host.spec_cpu if profile.restricts else None, profile_unavailable=host.profile_unavailable(),
                    backend=QemuBackend(host=host) if choice.accel == "kvm" else None)
-        yield env
+        with ReadyGuest(accel=choice.accel, qemu=qemu, kernel=kernel, cpu=env["cpu"]) as env["ready"]:
+            yield env
     finally:
         host.close()
 
@@ -121,7 +128,7 @@ def _env(request, bank: str, case_id: str) -> dict:
     artifacts = request.getfixturevalue("apx_test_artifacts")
     request.getfixturevalue("apx_progress")(f"booting Linux guest ({env['accel'].upper()}) for {bank}…")
     return {"qemu": env["qemu"], "kernel": env["kernel"], "cpu": env["cpu"], "accel": env["accel"],
-            "artifacts": None if artifacts is None else str(artifacts)}
+            "artifacts": None if artifacts is None else str(artifacts), "ready": env["ready"]}
 
 
 def _recorder(request):

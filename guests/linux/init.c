@@ -29,6 +29,14 @@
  *   apx.exit=PORT        before powering off, write 1 (all passed or skipped)
  *                        or 2 (a failure) to I/O port PORT (QEMU isa-debug-exit)
  *   apx.timeout_ms=N     grace beyond spin_ms before a holder is killed (60000)
+ *   apx.wait=console     after "started", print "# apx-init: waiting for apx-run" and
+ *                        read the console until the line
+ *                        "apx-run ITEM,... load=S [expect=S]" arrives; it replaces
+ *                        apx.run/apx.load/apx.expect ("# apx-init: command 1 ...").
+ *                        The host snapshots the waiting guest once and restores it
+ *                        for every case (the shared boot); an apx-run line that
+ *                        arrives while a command runs is answered with
+ *                        "# apx-init: busy ..." (a restore from a used state).
  *
  * See docs/linux-guests.md.
  */
@@ -56,6 +64,7 @@
 #define MAX_ITEMS 32
 #define RELEASE_PATH "/run/apx-release"
 #define RELEASE_LINE "apx-release"
+#define COMMAND_WORD "apx-run"
 #define DEFAULT_RUN "xmm,ymm,x87,ctx-ymm"
 #define MAX_STAGE 4 /* holder_banks.h carries stages 0..4 */
 
@@ -64,6 +73,7 @@ struct settings {
     int load, expect; /* expect < 0: same as load */
     long spin_ms;     /* < 0: default */
     int release_console;
+    int wait_console; /* apx.wait=console: the items come as a console command */
     int cpu;          /* < 0: none */
     int exit_port;    /* < 0: none */
     long timeout_ms;
@@ -79,6 +89,7 @@ struct child {
 };
 
 static volatile uint32_t *release_flag;
+static int commands; /* apx-run commands taken (apx.wait=console): 0 in the waiting state */
 
 static void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static void say(const char *fmt, ...)
@@ -142,7 +153,7 @@ static void read_settings(struct settings *s)
         close(fd);
     }
     strcpy(s->run, DEFAULT_RUN);
-    s->load = 1, s->expect = -1, s->spin_ms = -1, s->release_console = 0;
+    s->load = 1, s->expect = -1, s->spin_ms = -1, s->release_console = 0, s->wait_console = 0;
     s->cpu = -1, s->exit_port = -1, s->timeout_ms = 60000;
     for (char *save = NULL, *w = strtok_r(line, " \t\n", &save); w; w = strtok_r(NULL, " \t\n", &save)) {
         char *v = strchr(w, '=');
@@ -159,6 +170,8 @@ static void read_settings(struct settings *s)
             s->spin_ms = strtol(v, NULL, 0);
         else if (!strcmp(w, "apx.release"))
             s->release_console = !strcmp(v, "console");
+        else if (!strcmp(w, "apx.wait"))
+            s->wait_console = !strcmp(v, "console");
         else if (!strcmp(w, "apx.cpu"))
             s->cpu = atoi(v);
         else if (!strcmp(w, "apx.exit"))
@@ -240,6 +253,8 @@ static void handle_console_input(void)
             if (!strcmp(line, RELEASE_LINE) && release_flag) {
                 *release_flag = 1;
                 say("# apx-init: released\n");
+            } else if (!strncmp(line, COMMAND_WORD " ", sizeof COMMAND_WORD)) {
+                say("# apx-init: busy: command %d is running; ignoring %s\n", commands, line);
             }
             len = 0;
         } else if (len + 1 < sizeof line) {
@@ -424,6 +439,47 @@ static int run_item(int number, const char *item, const struct settings *s)
     return result;
 }
 
+/* apx.wait=console: read console lines until "apx-run ITEMS load=S [expect=S]". */
+static void wait_command(struct settings *s)
+{
+    say("# apx-init: waiting for " COMMAND_WORD "\n");
+    char line[600];
+    size_t len = 0;
+    for (;;) {
+        char ch;
+        ssize_t n = read(0, &ch, 1);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {
+            say("# apx-init: console closed while waiting for " COMMAND_WORD "\n");
+            return;
+        }
+        if (ch != '\n' && ch != '\r') {
+            if (len + 1 < sizeof line)
+                line[len++] = ch;
+            continue;
+        }
+        line[len] = 0;
+        len = 0;
+        if (strncmp(line, COMMAND_WORD " ", sizeof COMMAND_WORD))
+            continue;
+        char *save = NULL, *w = strtok_r(line + sizeof COMMAND_WORD, " ", &save);
+        if (!w)
+            continue;
+        snprintf(s->run, sizeof s->run, "%s", w);
+        s->expect = -1;
+        while ((w = strtok_r(NULL, " ", &save))) {
+            if (!strncmp(w, "load=", 5))
+                s->load = atoi(w + 5);
+            else if (!strncmp(w, "expect=", 7))
+                s->expect = atoi(w + 7);
+        }
+        commands++;
+        say("# apx-init: command %d run=%s load=%d expect=%d\n", commands, s->run, s->load, s->expect);
+        return;
+    }
+}
+
 static void power_off(int status, int port)
 {
     if (port >= 0 && port < 0x10000 && ioperm(port, 1, 1) == 0)
@@ -453,6 +509,8 @@ int main(void)
         s.release_console ? "console" : "deadline");
     if (s.release_console)
         make_release_flag();
+    if (s.wait_console)
+        wait_command(&s);
 
     char *items[MAX_ITEMS];
     int n = 0;
