@@ -505,6 +505,14 @@ def test_a_restore_continues_in_the_standby_and_none_outlives_the_run(backend):
         assert restored.machine is standby and standby.incoming == snap.path and snap.standby == []
         restored.run_to(1)  # the guest continues in the standby process
         assert restored.machine.pid == standby.pid
+        again = run.adopt(session.restore(snap))  # no standby left: a QEMU with -incoming file:
+        assert again.machine.pid not in (standby.pid, None) and again.machine.incoming == snap.path
+        again.run_to(1)
+        plain = run.start()  # no hint: no standby; its import starts its QEMU then
+        plain.run_to(0)
+        plain.import_image(plain.export())
+        assert plain._standby is None and plain.machine.incoming is not None
+        plain.run_to(1)
     assert qm.live_machines() == [] and _children() == []
     with Run(backend, bank, code) as run:
         session = run.start()

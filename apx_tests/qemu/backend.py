@@ -386,7 +386,8 @@ class QemuSession(Session):
         except QemuError:
             pass
         standby, self._standby = self._standby, None
-        self.host.standbys.discard(standby)
+        if standby is not None:
+            self.host.standbys.discard(standby)
         with self.clock.timed("restore"):
             try:
                 fresh = _restored(self.spec, path, self.machine.label, self.host.artifacts, standby)
@@ -423,8 +424,9 @@ class QemuSession(Session):
         if snapshot.bank != self.bank.name:
             raise BackendError(f"{self.where}: snapshot of bank {snapshot.bank}")
         standby = snapshot.standby.pop() if snapshot.standby else None
-        self.host.standbys.discard(standby)
-        self.host.handed.discard(standby)
+        if standby is not None:
+            self.host.standbys.discard(standby)
+            self.host.handed.discard(standby)
         with self.clock.timed("restore"):
             try:
                 machine = _restored(snapshot.spec, snapshot.path, f"{self.backend} {self.bank.name}",
