@@ -18,8 +18,10 @@ How each Session operation maps onto QEMU (docs/qemu.md has the why):
                the guest's own XSAVE layout (CPUID leaf 0xD as the boot stub read it)
   import_image the bank's registers of the image (raw bytes) and its XSTATE_BV bits for
                the bank's components are patched into a copy of the current stream,
-               which a fresh QEMU restores (-incoming file:); the session moves there
-  snapshot     a migration file; restore(snapshot) = a fresh QEMU from it
+               which a fresh QEMU restores (-incoming file:, or the standby that
+               expect_restore() started: migrate-incoming); the session moves there
+  snapshot     a migration file; restore(snapshot) = a fresh QEMU from it (the standby
+               the snapshot took from its session, if any)
   read/write_area  the shared guest-RAM mapping (pmemsave and the gdbstub also work,
                see Machine.pmemsave and the "gdb" view)
   finish       release stage 2; the status from isa-debug-exit's exit code (status<<1)|1
