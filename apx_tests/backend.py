@@ -53,6 +53,12 @@ class Session(abc.ABC):
     @abc.abstractmethod
     def finish(self) -> int: ...
 
+    def expect_restore(self) -> None:
+        """A hint from the scenario, right after start(): this session will continue in a
+        fresh VM (an import or a restore).  A backend may prepare that VM ahead (the QEMU
+        backend starts its QEMU now); what the scenario reads does not change.  Default:
+        nothing."""
+
     # --- state ---------------------------------------------------------------------
     @abc.abstractmethod
     def export(self) -> XsaveImage: ...

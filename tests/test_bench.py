@@ -372,3 +372,47 @@ def test_collection_is_a_verified_run_with_its_breakdown(runnable, tmp_path):
     assert row["sides"]["startup"]["median_ms"] + row["sides"]["collect"]["median_ms"] == \
         pytest.approx(row["sides"]["total"]["median_ms"])
     assert [g["row"] for g in data["goals"]] == ["pytest -m apx --collect-only"]
+
+
+XDIST_SERIAL = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">
+<testcase classname="apx_tests.suite.test_scenarios" name="test_scenario[kvm-ymm-import]" time="0.5"/>
+<testcase classname="apx_tests.suite.test_scenarios" name="test_scenario[qemu10-kvm-ymm-import]" time="2.0"/>
+<testcase classname="apx_tests.suite.test_scenarios" name="test_scenario[qemu10-kvm-apx-import]" time="0.0"><skipped message="no apx"/></testcase>
+<testcase classname="apx_tests.suite.test_probe" name="test_kvm_api_version" time="0.1"/>
+<testcase classname="apx_tests.suite.test_probe" name="test_kvm_api_version" time="0.1"><error message="teardown"/></testcase>
+</testsuite></testsuites>"""
+
+
+def test_xdist_outcomes_are_compared_per_item(bench_module):
+    serial = bench_module.junit_outcomes(XDIST_SERIAL)
+    assert serial == {"apx_tests.suite.test_scenarios::test_scenario[kvm-ymm-import]": "passed",
+                      "apx_tests.suite.test_scenarios::test_scenario[qemu10-kvm-ymm-import]": "passed",
+                      "apx_tests.suite.test_scenarios::test_scenario[qemu10-kvm-apx-import]": "skipped",
+                      "apx_tests.suite.test_probe::test_kvm_api_version": "error"}  # a failing teardown wins
+    # xdist's controller writes the cases in the order they finished: order does not matter
+    parallel = dict(reversed(list(serial.items())))
+    assert bench_module.outcome_differences(serial, parallel) == []
+    parallel["apx_tests.suite.test_scenarios::test_scenario[kvm-ymm-import]"] = "failed"
+    del parallel["apx_tests.suite.test_scenarios::test_scenario[qemu10-kvm-apx-import]"]
+    assert bench_module.outcome_differences(serial, parallel) == [
+        "apx_tests.suite.test_scenarios::test_scenario[kvm-ymm-import]: passed -> failed",
+        "apx_tests.suite.test_scenarios::test_scenario[qemu10-kvm-apx-import]: skipped -> missing"]
+
+
+def test_xdist_runs_only_when_named_and_its_goal_lines(bench_module):
+    assert "xdist" not in [m.name for m in bench_module.selected(None)]
+    assert [m.name for m in bench_module.selected(["xdist"])] == ["xdist"]
+    Row, Stats, Limit = bench_module.Row, bench_module.Stats, bench_module.Limit
+    limits = [Limit("speedup", bench_module.XDIST_GOAL, "×", "(wall, -n 0 / -n 2)", at_least=True),
+              Limit("mismatched", 0, "items", "(per-item outcomes, JUnit)")]
+    row = Row("pytest -m apx -n 2 vs -n 0", {"-n 0": Stats([60000.0]), "-n 2": Stats([40000.0]),
+                                             "speedup": Stats([1.5], "×"), "mismatched": Stats([0.0], "items")},
+              limits=limits)
+    assert bench_module.goal_lines(row) == [
+        "goal: pytest -m apx -n 2 vs -n 0 speedup ≥ 1.6× (wall, -n 0 / -n 2): 1.50× (median) MISS",
+        "goal: pytest -m apx -n 2 vs -n 0 mismatched ≤ 0 items (per-item outcomes, JUnit): 0 items (median) PASS"]
+    lines = bench_module.table([row])
+    assert [line.split()[-3:] for line in lines[1:5]] == [["0", "60000.000", "60000.000"],
+                                                          ["2", "40000.000", "40000.000"],
+                                                          ["speedup", "1.50×", "1.50×"],
+                                                          ["mismatched", "0", "0"]]

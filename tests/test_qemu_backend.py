@@ -481,3 +481,48 @@ def test_gprs_scenario_names_the_observer_that_disagrees(backend, monkeypatch):
         with Run(backend, bank, code) as run:
             SCENARIOS["gprs"].run(run)
     assert failure.value.lines[0].startswith("hmp vs migration: rbx: 0000000000001234 vs ")
+
+
+def test_a_restore_continues_in_the_standby_and_none_outlives_the_run(backend):
+    """Session.expect_restore (the scenarios that import or restore call it after the boot)
+    starts the restore's QEMU (-incoming defer), not waited for: the snapshot takes it, the restore continues in that very process (the stream loaded
+    through migrate-incoming) and the guest runs on there; a standby nobody
+    restored into goes with the session or, held by a snapshot, with the Run."""
+    bank, code = BANKS["xmm"], build_payload("xmm").code
+    with Run(backend, bank, code) as run:
+        session = run.start()
+        assert session._standby is None  # only on the scenario's word
+        session.expect_restore()
+        standby = session._standby
+        assert standby is not None and standby.running and standby.pid != session.machine.pid
+        assert "-incoming" in standby.argv and standby.argv[standby.argv.index("-incoming") + 1] == "defer"
+        session.run_to(0)
+        snap = session.snapshot()
+        assert session._standby is None and snap.standby == [standby]
+        session.close()
+        assert standby.running  # the session went, its snapshot keeps the standby
+        restored = run.adopt(session.restore(snap))
+        assert restored.machine is standby and standby.incoming == snap.path and snap.standby == []
+        restored.run_to(1)  # the guest continues in the standby process
+        assert restored.machine.pid == standby.pid
+        again = run.adopt(session.restore(snap))  # no standby left: a QEMU with -incoming file:
+        assert again.machine.pid not in (standby.pid, None) and again.machine.incoming == snap.path
+        again.run_to(1)
+        plain = run.start()  # no hint: no standby; its import starts its QEMU then
+        plain.run_to(0)
+        plain.import_image(plain.export())
+        assert plain._standby is None and plain.machine.incoming is not None
+        plain.run_to(1)
+    assert qm.live_machines() == [] and _children() == []
+    with Run(backend, bank, code) as run:
+        session = run.start()
+        session.expect_restore()
+        session.run_to(0)
+        kept = session.snapshot()  # held past the Run: its file stays, its standby does not
+        assert kept.standby and kept.standby[0].running
+    assert qm.live_machines() == [] and _children() == [] and os.path.exists(kept.path)
+    with Run(backend, bank, code) as run:
+        session = run.start()
+        session.expect_restore()
+        standby = session._standby
+    assert not standby.running and qm.live_machines() == [] and _children() == []

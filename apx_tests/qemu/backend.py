@@ -18,8 +18,10 @@ How each Session operation maps onto QEMU (docs/qemu.md has the why):
                the guest's own XSAVE layout (CPUID leaf 0xD as the boot stub read it)
   import_image the bank's registers of the image (raw bytes) and its XSTATE_BV bits for
                the bank's components are patched into a copy of the current stream,
-               which a fresh QEMU restores (-incoming file:); the session moves there
-  snapshot     a migration file; restore(snapshot) = a fresh QEMU from it
+               which a fresh QEMU restores (-incoming file:, or the standby that
+               expect_restore() started: migrate-incoming); the session moves there
+  snapshot     a migration file; restore(snapshot) = a fresh QEMU from it (the standby
+               the snapshot took from its session, if any)
   read/write_area  the shared guest-RAM mapping (pmemsave and the gdbstub also work,
                see Machine.pmemsave and the "gdb" view)
   finish       release stage 2; the status from isa-debug-exit's exit code (status<<1)|1
@@ -34,7 +36,7 @@ import os
 import shutil
 import struct
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from ..backend import Backend, BackendError, ImportRejected, Session
@@ -58,11 +60,14 @@ def _names(mask: int) -> str:
 
 @dataclass(frozen=True)
 class QemuSnapshot:
-    """A paused point: a migration file (owned by the backend's snapshot directory)."""
+    """A paused point: a migration file (owned by the backend's snapshot directory), and
+    the standby QEMU its session had started for a restore (used by the first restore;
+    closed when the snapshot goes)."""
     path: str
     stage: int | None
     bank: str
     spec: MachineSpec
+    standby: list = field(default_factory=list, compare=False, repr=False)
 
 
 class QemuBackend(Backend):
@@ -97,6 +102,13 @@ class QemuBackend(Backend):
     def start(self, bank: Bank, payload: bytes) -> "QemuSession":
         return QemuSession.boot(self, bank, payload)
 
+    def run_closed(self) -> None:
+        """The Run's sessions are closed (scenarios.engine.Run.close): the standby QEMUs its
+        snapshots still hold go too, so no QEMU outlives the Run that started it."""
+        for machine in list(self.host.handed):
+            machine.close()
+        self.host.handed.clear()
+
 
 class QemuSession(Session):
     """A guest in one QEMU process at a time: imports and restores move it to a new one."""
@@ -121,6 +133,7 @@ class QemuSession(Session):
         self._saved: tuple[str, int] | None = None  # (path, generation) of the newest save
         self._counter = 0
         self._parsed = None  # (path, MigrationStream) of the newest parse
+        self._standby: Machine | None = None  # a QEMU starting up for the next restore
         self._closed = False
         owner.host._sessions.add(self)
 
@@ -144,6 +157,18 @@ class QemuSession(Session):
             machine = Machine(spec, preload={boot.DEFAULT_MAILBOX_GPA: mailbox},
                               label=f"{owner.name} {bank.name}", artifacts=owner.host.artifacts)
         return cls(owner, bank, machine, None, spec, image)
+
+    def expect_restore(self) -> None:
+        """The scenario will continue this guest in a fresh QEMU (an import, a restore):
+        start that QEMU now (-incoming defer, not waited for), once this one is up.  Its
+        start-up, most of a restore's time, then overlaps the guest's stages, the saves and
+        the parses; the restore connects to it and loads the stream with migrate-incoming
+        (docs/qemu.md, "Standby QEMU").  Only the first restore or import uses it."""
+        if self._standby is not None or self._closed:
+            return
+        with self.clock.timed("standby"):  # the spawn only: QEMU's start-up is not waited for
+            self._standby = Machine.standby(self.spec, label=self.machine.label)
+        self.host.standbys.add(self._standby)
 
     # ---- guest control ----------------------------------------------------------------------
     def _release(self, stage: int) -> None:
@@ -362,10 +387,12 @@ class QemuSession(Session):
             self.machine.stop()  # a spinning guest would compete for the CPU with the new QEMU
         except QemuError:
             pass
+        standby, self._standby = self._standby, None
+        if standby is not None:
+            self.host.standbys.discard(standby)
         with self.clock.timed("restore"):
             try:
-                fresh = Machine(self.spec, incoming=path, label=self.machine.label,
-                                artifacts=self.host.artifacts)
+                fresh = _restored(self.spec, path, self.machine.label, self.host.artifacts, standby)
             except QemuError as exc:
                 if rejected:
                     raise ImportRejected(f"{exc} (restoring the patched stream)") from None
@@ -387,17 +414,25 @@ class QemuSession(Session):
             shutil.copyfile(state, path)
         self._saved = None
         snap = QemuSnapshot(path, self.stage, self.bank.name, self.spec)
-        weakref.finalize(snap, _unlink, path)
+        if self._standby is not None:  # the restore that likely follows takes it
+            snap.standby.append(self._standby)
+            self.host.handed.add(self._standby)
+            self._standby = None
+        weakref.finalize(snap, _drop_snapshot, path, snap.standby)
         return snap
 
     def restore(self, snapshot: QemuSnapshot) -> "QemuSession":
         """A fresh QEMU restoring the snapshot file: the guest continues there."""
         if snapshot.bank != self.bank.name:
             raise BackendError(f"{self.where}: snapshot of bank {snapshot.bank}")
+        standby = snapshot.standby.pop() if snapshot.standby else None
+        if standby is not None:
+            self.host.standbys.discard(standby)
+            self.host.handed.discard(standby)
         with self.clock.timed("restore"):
             try:
-                machine = Machine(snapshot.spec, incoming=snapshot.path, label=f"{self.backend} {self.bank.name}",
-                                  artifacts=self.host.artifacts)
+                machine = _restored(snapshot.spec, snapshot.path, f"{self.backend} {self.bank.name}",
+                                    self.host.artifacts, standby)
             except QemuError as exc:
                 raise BackendError(str(exc)) from None
         return QemuSession(self.owner, self.bank, machine, snapshot.stage, snapshot.spec, self.image)
@@ -435,7 +470,36 @@ class QemuSession(Session):
         if self._closed:
             return
         self._closed = True
+        if self._standby is not None:
+            self._standby.close()
+            self._standby = None
         self.machine.close()
+
+
+def _restored(spec: MachineSpec, path: str, label: str, artifacts: str | None,
+              standby: Machine | None) -> Machine:
+    """A QEMU restoring `path`: the standby started for it (ready by now: connect, then
+    migrate-incoming from the file), else a new one started with -incoming file:PATH.
+    Either loads the same stream the same way and exits with QEMU's error if it refuses it."""
+    if standby is None:
+        return Machine(spec, incoming=path, label=label, artifacts=artifacts)
+    standby.label = label
+    if artifacts:
+        standby.keep_artifacts(artifacts)
+    try:
+        standby.connect()
+        standby.migrate_incoming(path)
+    except BaseException:
+        standby.close()
+        raise
+    return standby
+
+
+def _drop_snapshot(path: str, standby: list) -> None:
+    for machine in standby:
+        machine.close()
+    standby.clear()
+    _unlink(path)
 
 
 def _unlink(path: str) -> None:

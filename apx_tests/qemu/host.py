@@ -1,7 +1,7 @@
 """One QEMU binary with one accelerator, as the QEMU backend uses it: ``QemuHost`` finds the
 binary once and probes it lazily (version, ``-cpu help`` flags, APX facts and reasons, the
 -cpu of the chosen CPU profile, the XSAVE layout the boot stub reads in a probe guest),
-owns the snapshot directory, and times the phases of its sessions (``PhaseClock``).
+owns the snapshot directory and the standby QEMUs not used yet, and times the phases of its sessions (``PhaseClock``).
 ``FEATURES`` are the scenario features of QEMU sessions per accelerator.  Shared by every
 ``backend.QemuSession`` of one backend; see docs/qemu.md.
 """
@@ -98,6 +98,10 @@ class QemuHost:
         self.artifacts: str | None = None
         self._snapdir: str | None = None
         self._sessions: "weakref.WeakSet[QemuSession]" = weakref.WeakSet()
+        # Standby QEMUs of its sessions and snapshots not used yet (backend.QemuSession.boot);
+        # `handed`: those a snapshot holds, closed when the Run that made them ends.
+        self.standbys: "weakref.WeakSet[Machine]" = weakref.WeakSet()
+        self.handed: "weakref.WeakSet[Machine]" = weakref.WeakSet()
         self._probe_error: str | None = None
         self._guest: boot.BootInfo | None = None
         self._specs: dict[str, MachineSpec] = {}
@@ -256,6 +260,8 @@ class QemuHost:
     def close(self) -> None:
         for session in list(self._sessions):
             session.close()
+        for machine in list(self.standbys):
+            machine.close()
         if "kvm_host" in self.__dict__:
             self.kvm_host.close()
             del self.__dict__["kvm_host"]

@@ -86,7 +86,8 @@ class Machine(process.Closing):
 
     def __init__(self, spec: MachineSpec, *, preload: dict[int, bytes] | None = None,
                  incoming: str | os.PathLike | None = None, defer: bool = False,
-                 artifacts: str | os.PathLike | None = None, label: str | None = None):
+                 artifacts: str | os.PathLike | None = None, label: str | None = None,
+                 connect: bool = True):
         self.spec = spec
         self.label = label or spec.name
         self.timing = _Timing()
@@ -113,8 +114,32 @@ class Machine(process.Closing):
             sweep_stale_dirs()
         self.workdir = tempfile.mkdtemp(prefix=temp_prefix(), dir=_private_tmp_root())  # mode 0700
         _LIVE.add(self)
+        self._mode = "defer" if defer else (f"file:{self.incoming}" if self.incoming else None)
+        self._connected = False
         try:
-            self._start(preload or {}, "defer" if defer else (f"file:{self.incoming}" if self.incoming else None))
+            self._spawn(preload or {}, self._mode)
+            if connect:
+                self.connect()
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def standby(cls, spec: MachineSpec, *, label: str | None = None) -> "Machine":
+        """A QEMU started with `-incoming defer` and not waited for: it initialises in the
+        background while the caller goes on.  `connect()` then `migrate_incoming(path)`
+        make it a restore of `path` (what `Machine(spec, incoming=path)` is, minus the
+        wait for QEMU's start-up); close() it when unused."""
+        return cls(spec, defer=True, label=label, connect=False)
+
+    def connect(self) -> None:
+        """Wait for QEMU's sockets and QMP (a machine made with connect=False); then, as the
+        constructor does: resume a boot, wait for an -incoming file: load."""
+        if self._connected:
+            return
+        self._connected = True
+        try:
+            self._finish_start(self._mode)
         except BaseException:
             self.close()
             raise
@@ -136,7 +161,7 @@ class Machine(process.Closing):
         return self.proc.pid if self.proc is not None else None
 
     # ---- start ---------------------------------------------------------------------------
-    def _start(self, preload: dict[int, bytes], incoming: str | None) -> None:
+    def _spawn(self, preload: dict[int, bytes], incoming: str | None) -> None:
         t0 = time.perf_counter()
         size = self.spec.memory_mib << 20
         self._ram_fd = os.open(self.path("ram"), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -164,6 +189,8 @@ class Machine(process.Closing):
         except (AttributeError, OSError):
             self._pidfd = None
         self.timing.add("spawn", time.perf_counter() - t0)
+
+    def _finish_start(self, incoming: str | None) -> None:
         t1 = time.perf_counter()
         self._accept_all()
         self._connect_qmp()

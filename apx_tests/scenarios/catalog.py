@@ -32,9 +32,12 @@ class Scenario:
         return self.banks is None or bank in self.banks
 
 
-def _loaded_session(run: Run):
-    """Boot, take the baseline at stage 0, load the bank: (session, baseline image)."""
+def _loaded_session(run: Run, *, restores: bool = False):
+    """Boot, take the baseline at stage 0, load the bank: (session, baseline image).
+    `restores`: the scenario goes on to import or restore (Session.expect_restore)."""
     session = run.start()
+    if restores:
+        session.expect_restore()
     session.run_to(protocol.STAGE_STARTED)
     baseline = session.export()
     load_bank(run, session, run.pattern(LOADED))
@@ -80,7 +83,7 @@ def export(run: Run) -> None:
 
 def import_(run: Run) -> None:
     """Host writes new values into the exported image -> import -> the guest sees them."""
-    session, _ = _loaded_session(run)
+    session, _ = _loaded_session(run, restores=True)
     image = session.export()
     wanted = run.pattern(IMPORTED)
     image.write_registers(wanted)
@@ -90,7 +93,7 @@ def import_(run: Run) -> None:
 
 def round_trip(run: Run) -> None:
     """export -> import -> export gives the same bytes; the guest keeps its values."""
-    session, _ = _loaded_session(run)
+    session, _ = _loaded_session(run, restores=True)
     first = session.export()
     session.import_image(run.before_import(first.copy()))
     second = session.export()
@@ -103,7 +106,7 @@ def round_trip(run: Run) -> None:
 def fresh_vm(run: Run) -> None:
     """Snapshot at LOADED, restore into a new VM/vCPU; its export equals the snapshot's and
     the guest continues there and finds its values."""
-    session, _ = _loaded_session(run)
+    session, _ = _loaded_session(run, restores=True)
     before = session.export()
     snapshot = session.snapshot()
     session.close()
@@ -122,7 +125,7 @@ def init_state(run: Run) -> None:
     why_not = run.backend.init_readout_unjudgeable(run.bank)
     if why_not:
         raise ScenarioNotApplicable(why_not)
-    session, _ = _loaded_session(run)
+    session, _ = _loaded_session(run, restores=True)
     image = session.export()
     image.write_registers(run.pattern(GARBAGE))
     if 0 in run.bank.components:

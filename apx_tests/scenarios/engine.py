@@ -72,6 +72,11 @@ class Run:
     def close(self) -> None:
         while self.sessions:
             self.sessions.pop().close()
+        # What a backend kept for this Run's sessions (the QEMU backend: standby QEMUs its
+        # snapshots hold for a restore) goes with them.
+        closed = getattr(self.backend, "run_closed", None)
+        if closed is not None:
+            closed()
 
     def __enter__(self) -> "Run":
         return self
