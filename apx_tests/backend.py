@@ -149,6 +149,10 @@ class Backend(abc.ABC):
         for that kind of host."""
         return self.host.profile_unavailable()
 
+    def run_closed(self) -> None:
+        """A scenario Run closed all its sessions: what the backend kept for them goes too
+        (the QEMU backend: standby QEMUs its snapshots still hold).  Default: nothing."""
+
     def init_readout_unjudgeable(self, bank: Bank) -> str | None:
         """Why this backend's vCPU cannot show whether `bank`'s init state was loaded
         (the guest's store would read the same either way), or None.  The init_state

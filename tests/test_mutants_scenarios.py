@@ -750,6 +750,31 @@ def test_invalid_images_leave_out_what_the_host_supports(backend):
                      "XSTATE_BV with APX and MPX together"]
 
 
+def test_run_close_tells_the_backend_once_its_sessions_are_closed(backend):
+    """Backend.run_closed (the QEMU backend ends standby QEMUs there) comes once, after
+    every session of the Run was closed, whether the scenario passed or failed."""
+    bank, code = runnable(backend, "xmm")
+    seen = []
+
+    class Recording:
+        def __init__(self, inner):
+            self._inner = inner
+
+        def run_closed(self):
+            seen.append(len(run.sessions))  # sessions left open when it is told
+
+        def __getattr__(self, name):
+            return getattr(self._inner, name)
+
+    with Run(Recording(backend), bank, code) as run:
+        SCENARIOS["round_trip"].run(run)
+    assert seen == [0]
+    with pytest.raises(ScenarioFailure):
+        with Run(Recording(backend), bank, code, session_wrapper=lambda s: Wrapped(s, finish=lambda: 5)) as run:
+            SCENARIOS["import"].run(run)
+    assert seen == [0, 0]
+
+
 def test_run_hands_the_exception_to_on_exit():
     seen = []
     with pytest.raises(ValueError):

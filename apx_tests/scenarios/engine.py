@@ -74,9 +74,8 @@ class Run:
             self.sessions.pop().close()
         # What a backend kept for this Run's sessions (the QEMU backend: standby QEMUs its
         # snapshots hold for a restore) goes with them.
-        closed = getattr(self.backend, "run_closed", None)
-        if closed is not None:
-            closed()
+        if self.backend is not None:
+            self.backend.run_closed()
 
     def __enter__(self) -> "Run":
         return self
