@@ -117,13 +117,7 @@ def kernel_cmdline(run: Iterable[str] = DEFAULT_RUN, *, load: int = 1, expect: i
     With `wait` /init waits for a `command_line()` on the console instead of running
     `run` (apx.wait=console: the shared boot, docs/linux-guests.md).
     """
-    items = list(run)
-    for item in items:
-        if not re.fullmatch(r"(ctx-)?\w+(@[A-Za-z0-9_.-]+)?", item):
-            raise ValueError(f"apx.run item {item!r}: want [ctx-]BANK[@PROGRAM]")
-    for what, stage in (("load", load), ("expect", expect)):
-        if stage is not None and not 0 <= stage < STAGES:
-            raise ValueError(f"{what} stage {stage}: the holder has stages 0..{STAGES - 1}")
+    items = _checked_run(run, load, expect)
     if release not in ("deadline", "console"):
         raise ValueError(f"release {release!r}: 'deadline' or 'console'")
     words = ["console=ttyS0", "quiet", "panic=-1"]
@@ -146,9 +140,8 @@ def kernel_cmdline(run: Iterable[str] = DEFAULT_RUN, *, load: int = 1, expect: i
     return " ".join(words)
 
 
-def command_line(run: Iterable[str], *, load: int = 1, expect: int | None = None) -> str:
-    """The console line a waiting /init (apx.wait=console) takes in place of
-    apx.run/apx.load/apx.expect: ``apx-run ITEM,... load=S [expect=S]``."""
+def _checked_run(run: Iterable[str], load: int | None, expect: int | None) -> list[str]:
+    """The run items and stages /init accepts (kernel command line or console command)."""
     items = list(run)
     for item in items:
         if not re.fullmatch(r"(ctx-)?\w+(@[A-Za-z0-9_.-]+)?", item):
@@ -156,6 +149,13 @@ def command_line(run: Iterable[str], *, load: int = 1, expect: int | None = None
     for what, stage in (("load", load), ("expect", expect)):
         if stage is not None and not 0 <= stage < STAGES:
             raise ValueError(f"{what} stage {stage}: the holder has stages 0..{STAGES - 1}")
+    return items
+
+
+def command_line(run: Iterable[str], *, load: int = 1, expect: int | None = None) -> str:
+    """The console line a waiting /init (apx.wait=console) takes in place of
+    apx.run/apx.load/apx.expect: ``apx-run ITEM,... load=S [expect=S]``."""
+    items = _checked_run(run, load, expect)
     return f"{COMMAND_WORD} {','.join(items)} load={load}" + ("" if expect is None else f" expect={expect}")
 
 
