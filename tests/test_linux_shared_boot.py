@@ -1,4 +1,4 @@
-"""The shared Linux boot (apx_tests.qemu.linux_session.ReadyGuest): one boot to /init's
+"""The shared Linux boot (apx_tests.qemu.linux_ready.ReadyGuest): one boot to /init's
 waiting state, saved once, restored by every run; no state of one run reaches the next.
 
 Without QEMU: the console command, the kernel command line, and the check a run makes of
@@ -27,7 +27,8 @@ import pytest
 from apx_tests.guests import build, linux, linux_kernel
 from apx_tests.guests.linux_kernel import KernelUnavailable
 from apx_tests.qemu.errors import QemuUnavailable
-from apx_tests.qemu.linux_session import LinuxHolderRun, LinuxSessionError, ReadyGuest
+from apx_tests.qemu.linux_ready import ReadyGuest
+from apx_tests.qemu.linux_session import LinuxHolderRun, LinuxSessionError
 from apx_tests.qemu.spec import find_qemu
 from apx_tests.xsave import BANKS
 from apx_tests.xsave.diff import diff_registers

@@ -25,7 +25,7 @@ reason; so does everything when no guest kernel is cached (KernelUnavailable, on
 run ci/bootstrap or set APX_KERNEL), when QEMU is missing, or when --apx-backend leaves
 qemu-tcg-linux out.
 
-The boot is shared (linux_session.ReadyGuest): the first case that runs boots the guest
+The boot is shared (linux_ready.ReadyGuest): the first case that runs boots the guest
 once to /init's waiting state and saves it; every run (a restore case has two, a
 ctxswitch case one) restores that 'ready' snapshot in a fresh QEMU and sends its item as
 a console command; the guest must say it is its first command (tests/test_linux_shared_boot.py
@@ -46,7 +46,8 @@ from apx_tests.profiles import PROFILES, exclusion
 from apx_tests.qemu.backend import QemuBackend
 from apx_tests.qemu.host import QemuHost
 from apx_tests.qemu.linux_accel import choose_accel, unavailable_reason
-from apx_tests.qemu.linux_session import LinuxHolderRun, ReadyGuest, flip_target
+from apx_tests.qemu.linux_ready import ReadyGuest
+from apx_tests.qemu.linux_session import LinuxHolderRun, flip_target
 from apx_tests.qemu.errors import QemuUnavailable
 from apx_tests.qemu.spec import find_qemu
 from apx_tests.xsave import BANKS

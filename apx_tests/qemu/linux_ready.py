@@ -1,0 +1,116 @@
+"""The shared Linux boot: `ReadyGuest`, one boot of the Linux guest to /init's waiting
+state (apx.wait=console), saved once to a read-only file that every
+``linux_session.LinuxHolderRun(ready=...)`` restores instead of booting.
+docs/linux-guests.md ("The shared boot").
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from .. import process
+from ..guests import linux
+from .errors import QemuError
+from .linux_accel import LINUX_MACHINE, LINUX_MEMORY_MIB, QEMU_TIMEOUT
+from .linux_session import SAVE_BANDWIDTH, TIMEOUT, LinuxSessionError, _tail
+from .machine import Machine
+from .spec import MachineSpec, _private_tmp_root, temp_prefix
+
+
+class ReadyGuest(process.Closing):
+    """The guest booted once to /init's waiting state (apx.wait=console) and saved to a
+    file: the 'ready' snapshot every ``LinuxHolderRun(ready=...)`` restores in a fresh
+    QEMU instead of booting (what Firecracker's snapshot restore does).
+
+        with ReadyGuest(accel="tcg", qemu=q, kernel=k) as ready:
+            ready.boot()                 # once: QEMU boots, /init prints "waiting for
+                                         # apx-run", migrate to file, kill that QEMU
+            with LinuxHolderRun("ymm", ready=ready, ...) as run:
+                run.boot()               # restore the ready file, send "apx-run ymm load=1
+                ...                      # expect=1", wait for the holder's ready line
+
+    The file is only ever read: each run restores it into its own QEMU, so nothing one
+    case does reaches the next.  The guest checks it too: it numbers the commands it
+    takes, and a run insists on "command 1" (a restore of a used state says "busy" or a
+    higher number, and the run fails).  One item per command, as one item per boot before.
+    """
+
+    def __init__(self, *, accel: str = "tcg", qemu: str | None = None, kernel: str | os.PathLike | None = None,
+                 cpu: str | None = None, timeout: float = TIMEOUT, artifacts: str | os.PathLike | None = None):
+        self.accel = accel
+        self.qemu = qemu
+        self.kernel = kernel
+        self.cpu = cpu
+        self.timeout = timeout
+        self.artifacts = artifacts
+        self.label = f"linux-{accel} ready"
+        self.seconds: dict[str, float] = {}
+        self.guest: linux.LinuxGuest | None = None
+        self.spec: MachineSpec | None = None
+        self.path: Path | None = None  # the ready snapshot, once booted
+        self.console = ""
+        self.pids: list[int] = []
+        self.machine_dirs: list[str] = []
+        self._closed = False
+        self.workdir = Path(tempfile.mkdtemp(prefix=temp_prefix() + "linux-ready-", dir=_private_tmp_root()))
+
+    def matches(self, *, accel: str, qemu, kernel, cpu) -> bool:
+        return (accel, qemu, kernel, cpu) == (self.accel, self.qemu, self.kernel, self.cpu)
+
+    def boot(self) -> Path:
+        """Boot to the waiting line and save (once; later calls return the file)."""
+        if self.path is not None:
+            return self.path
+        if self._closed:
+            raise LinuxSessionError(f"{self.label}: closed")
+        self.guest = linux.linux_guest(self.workdir, [], kernel=self.kernel, release="console", wait=True,
+                                       exit_port=0xF4, accel=self.accel)
+        try:
+            self.spec = MachineSpec.create(accel=self.accel, kernel=self.guest.kernel, qemu=self.qemu,
+                                           cpu=self.cpu, memory_mib=LINUX_MEMORY_MIB, machine=LINUX_MACHINE,
+                                           console=True, timeout=QEMU_TIMEOUT,
+                                           extra=("-initrd", str(self.guest.initramfs), "-append", self.guest.cmdline))
+        except QemuError as exc:
+            raise LinuxSessionError(f"{self.label} boot: {exc}") from None
+        t0 = time.perf_counter()
+        machine = None
+        try:
+            try:
+                machine = Machine(self.spec, label=f"qemu-{self.accel} ready boot", artifacts=self.artifacts)
+                self.pids.append(machine.pid)
+                self.machine_dirs.append(machine.workdir)
+                machine.wait_console(lambda out: linux.WAITING_LINE in linux.parse_console(out).lines or None,
+                                     timeout=self.timeout, what=f"/init's {linux.WAITING_LINE!r}")
+            except QemuError as exc:
+                tail = "" if machine is None else f"; console: {_tail(machine.read_console().decode(errors='replace'))!r}"
+                raise LinuxSessionError(f"{self.label} boot: {exc}{tail}") from None
+            self.seconds["boot_to_waiting"] = time.perf_counter() - t0
+            path = self.workdir / "ready.mig"
+            t1 = time.perf_counter()
+            try:
+                machine.qmp("migrate-set-parameters", **{"max-bandwidth": SAVE_BANDWIDTH})
+                machine.save(path)
+            except QemuError as exc:
+                raise LinuxSessionError(f"{self.label} snapshot: {exc}") from None
+            self.seconds["save"] = time.perf_counter() - t1
+            self.console = machine.read_console().decode(errors="replace")
+        finally:
+            if machine is not None:
+                machine.close()
+        os.chmod(path, 0o400)  # read by every run, written by none
+        self.path = path
+        return path
+
+    @property
+    def temp_paths(self) -> list[str]:
+        return [str(self.workdir), *self.machine_dirs]
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.path = None
+        process.remove_tree(self.workdir)
