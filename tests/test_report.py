@@ -520,6 +520,9 @@ class _FakeBackend:
     def start(self, bank, payload):
         return self.session
 
+    def run_closed(self):
+        pass
+
 
 def test_recorder_chains_the_run_hooks_and_saves_a_failure(tmp_path):
     bank = BANKS["ymm"]
