@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import os
 import shutil
 
 import pytest
@@ -156,6 +157,7 @@ def test_a_planted_leak_is_detected(ready, env):
             leaky.guest, leaky.spec = ready.guest, ready.spec
             leaky.path = leaky.workdir / "ready.mig"
             shutil.copyfile(a.snap.path, leaky.path)
+            os.link(a.snap_ram, leaky.ram)  # the stream holds no RAM: A's RAM goes with it
             with LinuxHolderRun("ymm", load=2, expect=2, ready=leaky, **env) as b:
                 with pytest.raises(LinuxSessionError) as info:
                     b.boot()

@@ -236,6 +236,90 @@ def test_incoming_defer(spec):
             standby.expect(b"1")
 
 
+def _loaded_and_saved_with_ram_file(m, tmp_path):
+    """The guest at stage 1 with bytes 0..255 loaded; saved with RAM as a file."""
+    m.expect(b"0")
+    m.write(GPA + protocol.LOAD_AREA, bytes(range(256)))
+    m.write(GPA + protocol.OFF_GO, struct.pack("<I", 0))
+    m.expect(b"1")
+    return m.save(tmp_path / "state.mig", ram_to=tmp_path / "state.ram"), tmp_path / "state.ram"
+
+
+def test_ram_as_a_file_save_and_restore(spec, tmp_path):
+    """save(ram_to=): the stream carries no RAM page (x-ignore-shared, recorded in the
+    stream), the RAM file holds the guest's memory, and restore() continues the guest
+    from the two: its mailbox, its registers, its next stage."""
+    from apx_tests.qemu.migration.stream import MigrationStream
+
+    with Machine(spec, preload=_mailbox()) as m:
+        saved, ram = _loaded_and_saved_with_ram_file(m, tmp_path)
+        assert m.status() == "postmigrate"
+        stream = MigrationStream.open(saved)
+        assert stream.capabilities() == ["x-ignore-shared"]
+        guest_ram = stream.ram_blocks["ram"]  # the memory-backend-file; QEMU's own ROMs are still sent
+        assert guest_ram.page_count("unsent") == guest_ram.page_total, \
+            (guest_ram.page_count("data"), guest_ram.page_count("zero"))
+        with open(ram, "rb") as fh:  # the same bytes as QEMU's RAM, by the link
+            fh.seek(GPA + protocol.LOAD_AREA)
+            assert fh.read(256) == bytes(range(256))
+    # The saving QEMU and its directory are gone; the stream and the RAM file restore it.
+    with Machine.restore(spec, saved, ram) as restored:
+        assert restored.status() == "running" and restored.timing.phases["ram_copy"] >= 0
+        assert restored.read(GPA + protocol.LOAD_AREA, 256) == bytes(range(256))
+        restored.write(GPA + protocol.EXPECT_AREA, bytes(range(256)))
+        restored.write(GPA + protocol.OFF_GO, struct.pack("<I", 1))
+        restored.expect(b"2")
+        assert protocol.read_mailbox(restored.read(GPA, 24)).status == protocol.STATUS_OK
+        restored.write(GPA + protocol.OFF_GO, struct.pack("<I", 2))
+        assert restored.wait_exit() == 3
+    with open(ram, "rb") as fh:  # the restore copied the file: the guest's writes stayed in its own
+        fh.seek(GPA + protocol.EXPECT_AREA)
+        assert fh.read(256) != bytes(range(256))
+
+
+def test_ram_as_a_file_the_ram_is_what_restores(spec, tmp_path):
+    """The self-test: restoring the same stream with an empty RAM file of the same size
+    must not continue the guest (its code, page tables and mailbox are gone), so the
+    RAM the guest runs on after restore() really comes from the file."""
+    with Machine(spec, preload=_mailbox()) as m:
+        saved, ram = _loaded_and_saved_with_ram_file(m, tmp_path)
+    empty = tmp_path / "empty.ram"
+    with open(empty, "wb") as fh:
+        fh.truncate(os.path.getsize(ram))
+    try:
+        with Machine.restore(spec, saved, empty) as restored:
+            assert restored.read(GPA + protocol.LOAD_AREA, 256) == bytes(256)
+            restored.write(GPA + protocol.OFF_GO, struct.pack("<I", 1))
+            with pytest.raises(QemuError):
+                restored.expect(b"2", timeout=1.0)
+    except QemuError as exc:  # or QEMU stops at once (a triple fault with -no-reboot)
+        assert "\n" not in str(exc)
+
+
+def test_ram_file_copy_keeps_holes_and_says_what_is_wrong(tmp_path):
+    size = 64 << 20
+    src = tmp_path / "src.ram"
+    with open(src, "wb") as fh:
+        fh.truncate(size)
+        fh.seek(5 << 20)
+        fh.write(b"\xa5" * 4096)
+    dst = tmp_path / "dst.ram"
+    fd = os.open(dst, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        assert qm.copy_ram_file(src, fd, "t") >= 4096
+        assert os.pread(fd, 4096, 5 << 20) == b"\xa5" * 4096
+        assert os.pread(fd, 16, 0) == bytes(16)
+        assert os.fstat(fd).st_blocks * 512 < size // 4  # holes stayed holes
+        with pytest.raises(QemuError, match=r"^t: guest RAM file .*missing.ram: No such file or directory$"):
+            qm.copy_ram_file(tmp_path / "missing.ram", fd, "t")
+        os.ftruncate(fd, size // 2)
+        with pytest.raises(QemuError, match=r"^t: guest RAM file .*src.ram has 67108864 bytes, the machine 33554432$"):
+            qm.copy_ram_file(src, fd, "t")
+    finally:
+        os.close(fd)
+
+
 def test_restoring_garbage_is_one_line(spec, tmp_path):
     junk = tmp_path / "junk.mig"
     junk.write_bytes(b"QEVM\0\0\0\3" + b"\xff" * 64)

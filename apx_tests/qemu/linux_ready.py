@@ -50,12 +50,13 @@ class ReadyGuest(process.Closing):
         self.seconds: dict[str, float] = {}
         self.guest: linux.LinuxGuest | None = None
         self.spec: MachineSpec | None = None
-        self.path: Path | None = None  # the ready snapshot, once booted
+        self.path: Path | None = None  # the ready snapshot, once booted (no RAM: x-ignore-shared)
         self.console = ""
         self.pids: list[int] = []
         self.machine_dirs: list[str] = []
         self._closed = False
         self.workdir = Path(tempfile.mkdtemp(prefix=temp_prefix() + "linux-ready-", dir=_private_tmp_root()))
+        self.ram = self.workdir / "ready.ram"  # its guest RAM (Machine.save(ram_to=)), once booted
 
     def matches(self, *, accel: str, qemu, kernel, cpu) -> bool:
         return (accel, qemu, kernel, cpu) == (self.accel, self.qemu, self.kernel, self.cpu)
@@ -92,7 +93,7 @@ class ReadyGuest(process.Closing):
             t1 = time.perf_counter()
             try:
                 machine.qmp("migrate-set-parameters", **{"max-bandwidth": SAVE_BANDWIDTH})
-                machine.save(path)
+                machine.save(path, ram_to=self.workdir / "ready.ram")
             except QemuError as exc:
                 raise LinuxSessionError(f"{self.label} snapshot: {exc}") from None
             self.seconds["save"] = time.perf_counter() - t1
@@ -101,6 +102,7 @@ class ReadyGuest(process.Closing):
             if machine is not None:
                 machine.close()
         os.chmod(path, 0o400)  # read by every run, written by none
+        os.chmod(self.workdir / "ready.ram", 0o400)
         self.path = path
         return path
 

@@ -57,7 +57,7 @@ from .spec import MachineSpec, _private_tmp_root, temp_prefix
 
 TIMEOUT = 60.0  # seconds for a boot to the ready line / a result after the release
 STOP_TRIES = 50  # stop, look, cont: at most this many times until the vCPU is in the spin loop
-CTX_SETTLE = 0.3  # seconds the ctx pair runs (and switches) before the snapshot and after the restore
+CTX_SETTLE = 0.1  # seconds the ctx pair runs (and switches) before the snapshot and after the restore
 SAVE_BANDWIDTH = 16 << 30  # migrate-set-parameters max-bandwidth: QEMU's default 128 MiB/s
 # makes the ~60 MB stream of a Linux guest take 0.6 s instead of 0.25 s
 
@@ -231,6 +231,7 @@ class LinuxHolderRun(process.Closing):
         self._restores = 0
         self._closed = False
         self.workdir = Path(tempfile.mkdtemp(prefix=temp_prefix() + "linux-", dir=_private_tmp_root()))
+        self.snap_ram = self.workdir / "snapshot.ram"  # the snapshot's guest RAM (Machine.save(ram_to=))
 
     # ---- helpers --------------------------------------------------------------------------------
     def _error(self, phase: str, detail: str, machine: Machine | None = None) -> LinuxSessionError:
@@ -242,8 +243,12 @@ class LinuxHolderRun(process.Closing):
     def _timed(self, phase: str, seconds: float) -> None:
         self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
 
-    def _start(self, incoming: str | None = None, label: str = "") -> Machine:
-        machine = Machine(self.spec, incoming=incoming, label=label or self.label, artifacts=self.artifacts)
+    def _start(self, incoming: str | None = None, label: str = "", ram: str | os.PathLike | None = None) -> Machine:
+        """A booting QEMU, or (`incoming`) one continuing that stream with guest RAM `ram`."""
+        if incoming is None:
+            machine = Machine(self.spec, label=label or self.label, artifacts=self.artifacts)
+        else:
+            machine = Machine.restore(self.spec, incoming, ram, label=label or self.label, artifacts=self.artifacts)
         self.pids.append(machine.pid)
         self.machine_dirs.append(machine.workdir)
         return machine
@@ -307,7 +312,8 @@ class LinuxHolderRun(process.Closing):
         want = 2 if self.ctx else 1
         t0 = time.perf_counter()
         try:
-            self.machine = self._start(incoming=os.fspath(path), label=f"qemu-{self.accel} ready restore")
+            self.machine = self._start(incoming=os.fspath(path), label=f"qemu-{self.accel} ready restore",
+                                       ram=ready.ram)
         except QemuError as exc:
             raise self._error("boot", f"{exc} (restoring the ready snapshot)") from None
         self._timed("ready_restore", time.perf_counter() - t0)
@@ -405,7 +411,7 @@ class LinuxHolderRun(process.Closing):
         t1 = time.perf_counter()
         try:
             m.qmp("migrate-set-parameters", **{"max-bandwidth": SAVE_BANDWIDTH})
-            m.save(path)
+            m.save(path, ram_to=self.snap_ram)
         except QemuError as exc:
             raise self._error("snapshot", str(exc), m) from None
         self._timed("snapshot", time.perf_counter() - t1)
@@ -497,7 +503,8 @@ class LinuxHolderRun(process.Closing):
         machine = None
         try:
             try:
-                machine = self._start(incoming=os.fspath(path), label=f"qemu-{self.accel} restore{self._restores}")
+                machine = self._start(incoming=os.fspath(path), label=f"qemu-{self.accel} restore{self._restores}",
+                                      ram=self.snap_ram)
             except QemuError as exc:
                 raise self._error("restore", f"{exc} (restoring {path.name})") from None
             seconds["restore"] = time.perf_counter() - t0

@@ -256,6 +256,8 @@ class MigrationStream:
 
     def capabilities(self) -> list[str]:
         caps = self.configuration.get("configuration/capabilities", {}).get("capabilities", [])
+        if isinstance(caps, str):  # an array of one element reads as the element
+            caps = [caps]
         return [c for c in caps if isinstance(c, str)] if isinstance(caps, list) else []
 
     def _read_section_body(self, r: _Reader, sec: Section, first: bool) -> None:
