@@ -480,7 +480,7 @@ def test_pvh_kernel_of_a_non_kernel_is_none(tmp_path):
 def test_kernel_cmdline():
     line = linux.kernel_cmdline(["xmm", "ctx-ymm", "ymm@apx-holder-wrong"], spin_ms=500, release="console",
                                 exit_port=0xF4, tsc_khz=2000000)
-    assert line == ("console=ttyS0 quiet panic=-1 tsc_early_khz=2000000 apx.run=xmm,ctx-ymm,ymm@apx-holder-wrong "
+    assert line == ("console=ttyS0 quiet panic=-1 cryptomgr.notests tsc_early_khz=2000000 apx.run=xmm,ctx-ymm,ymm@apx-holder-wrong "
                     "apx.load=1 apx.spin_ms=500 apx.release=console apx.exit=0xf4")
     assert "tsc_early_khz" not in linux.kernel_cmdline(accel="kvm")
     assert "apx.expect=2" in linux.kernel_cmdline(load=1, expect=2)
