@@ -41,6 +41,8 @@ pytest_plugins = [
     "apx_tests.pytest.labgrid",
     # --apx-kernel: the KVM cases inside a QEMU guest of a kernel under test (docs/kernel-under-test.md)
     "apx_tests.pytest.kut",
+    # -n N: the Linux items on one worker, each backend's items on one worker
+    "apx_tests.pytest.xdist_scopes",
 ]
 
 
