@@ -20,6 +20,7 @@ from apx_tests.guests.build import build_payload
 from apx_tests.qemu import machine as qm
 from apx_tests.qemu.backend import QemuBackend, QemuSession
 from apx_tests.qemu.errors import QemuUnavailable
+from apx_tests.qemu.host import kept_gdb_pids
 from apx_tests.qemu.spec import kvm_usable, our_temp_dirs
 from apx_tests.qemu.migration.stream import MigrationStream
 from apx_tests.scenarios import SCENARIOS, Run, ScenarioFailure, ScenarioNotApplicable
@@ -54,7 +55,10 @@ def _runnable(backend, bank_name):
 
 
 def _children(names=("qemu-system-x86", "gdb")) -> list[str]:
-    return [f"{p.pid} {p.comm}" for p in procfs.children() if p.comm in names]
+    """Our QEMU and gdb children, but the gdbs live hosts keep between views on purpose
+    (the module's backend fixture keeps one; test_gdb_is_kept_between_views checks them)."""
+    kept = kept_gdb_pids()
+    return [f"{p.pid} {p.comm}" for p in procfs.children() if p.comm in names and p.pid not in kept]
 
 
 # --- availability -------------------------------------------------------------------------
@@ -237,8 +241,10 @@ def test_phases_of_one_scenario(backend, capsys):
 def test_no_process_or_directory_is_left_behind(backend):
     """A run of QEMU scenarios (and the gdb/HMP views) with a backend of its own, closed
     at the end as the plugin closes its backends: no QEMU or gdb child and no private
-    directory of ours remains.  Snapshot files live until their snapshot object goes or
-    the backend closes."""
+    directory of ours remains.  Between runs the host keeps at most one gdb, detached
+    (QemuHost.gdb_session); it goes with the host.  Snapshot files live until their
+    snapshot object goes or the backend closes."""
+
     before = set(our_temp_dirs())
     own = QemuBackend(backend.accel)
     try:
@@ -257,10 +263,57 @@ def test_no_process_or_directory_is_left_behind(backend):
                 s.hmp_view()
                 s.snapshot()
             assert qm.live_machines() == [] and _children() == []
+            assert own.host._spare_gdb is not None and own.host._spare_gdb.pid in kept_gdb_pids()
     finally:
         own.host.close()
-    assert _children() == []
+    assert _children() == [] and own.host._spare_gdb is None
     assert set(our_temp_dirs()) - before == set()
+
+
+def test_gdb_is_kept_between_views_and_retargeted(backend):
+    """One gdb serves the views of successive QEMUs of a host (a new gdb costs ~0.3 s):
+    the second view attaches the same gdb process to the second QEMU and reads that
+    guest's registers, not the first's.  A gdb whose view failed is not kept, and the
+    host's close() ends the kept one."""
+    from apx_tests.qemu import gdb as gdbmod
+
+    own = QemuBackend(backend.accel)
+    bank = BANKS["xmm"]
+    try:
+        seen = []
+        for load in (True, False):
+            with Run(own, bank, build_payload("xmm").code) as run:
+                s = run.start()
+                s.run_to(0)
+                if load:  # guest 1 holds pattern(LOADED); guest 2 never loads it
+                    load_bank(run, s, run.pattern(LOADED))
+                view = s.gdb_view(["xmm5"])
+                seen.append((own.host._spare_gdb.pid, s.machine.pid, view["xmm5"]))
+        (gdb1, qemu1, xmm5_1), (gdb2, qemu2, xmm5_2) = seen
+        assert gdb1 == gdb2 and qemu1 != qemu2 and gdb1 in kept_gdb_pids()
+        assert xmm5_1 == bank.pattern(LOADED)["xmm5"] != xmm5_2
+        # A view whose gdb dies is an error, and that gdb is not kept.
+        with Run(own, bank, build_payload("xmm").code) as run:
+            s = run.start()
+            s.run_to(0)
+            original = gdbmod.GdbSession.register_names
+
+            def dying(self):
+                self._kill()
+                return original(self)
+            gdbmod.GdbSession.register_names = dying
+            try:
+                with pytest.raises(BackendError):
+                    s.gdb_view(["xmm5"])
+            finally:
+                gdbmod.GdbSession.register_names = original
+            assert own.host._spare_gdb is None and gdb1 not in kept_gdb_pids()
+            s.gdb_view(["xmm5"])  # a new gdb, kept again
+            kept = own.host._spare_gdb.pid
+            assert kept != gdb1
+    finally:
+        own.host.close()
+    assert own.host._spare_gdb is None and not procfs.alive(kept)
 
 
 def test_host_close_removes_everything():

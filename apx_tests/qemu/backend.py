@@ -327,10 +327,9 @@ class QemuSession(Session):
         """Attach gdb (stops the VM), do `work(gdb, offered register names)`, detach (resumes
         it); the VM runs again afterwards, also when gdb failed (a stopped guest would only
         hang the next stage)."""
-        from .gdb import GdbError, GdbSession
+        from .gdb import GdbError
         with self.clock.timed("gdb"):
-            gdb = GdbSession(self.machine.gdb_socket, gdb=self.host.gdb, timeout=self.host.timeout,
-                             transcript_path=self._gdb_transcript_path())
+            gdb = self.host.gdb_session(self.machine.gdb_socket, self._gdb_transcript_path())
             try:
                 gdb.connect()
                 offered = set(gdb.register_names())
@@ -340,7 +339,7 @@ class QemuSession(Session):
             except GdbError as exc:
                 raise BackendError(f"{self.where}: {what}: {exc}") from None
             finally:
-                gdb.close()
+                self.host.release_gdb(gdb)  # kept for the next view if it detached cleanly
                 try:
                     if self.machine.running and self.machine.status() != "running":
                         self.machine.cont()
