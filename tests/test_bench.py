@@ -127,7 +127,7 @@ def test_bench_prints_python_and_c_rows_and_a_ratio(runnable, tmp_path):
     assert any(line.startswith(f"goal: qemu-tcg fresh_vm {BANK} ≤ 150 ms") for line in result.stdout.splitlines())
     for accel in ("tcg", "kvm"):
         name = f"qemu-{accel} gdb-look xmm"
-        assert all((name, side) in rows for side in ("total", "connect", "first_read", "read", "detach")), \
+        assert all((name, side) in rows for side in ("total", "connect", "first_read", "read", "detach", "reattach")), \
             result.stdout
 
     data = json.loads(json_file.read_text())
