@@ -14,8 +14,13 @@ MARK = "apx-procfs-test-sleeper"
 
 
 def _sleeper(env: dict[str, str]) -> subprocess.Popen:
-    # The mark is an argument, so the command line can be matched.
-    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", MARK], env=env)
+    # The mark is an argument, so the command line can be matched.  Returned once the
+    # child says it runs: right after fork, /proc/PID/cmdline is still this process's
+    # (seen: a freshly spawned sleeper missing from the match on a loaded machine).
+    proc = subprocess.Popen([sys.executable, "-c", "import time; print('up', flush=True); time.sleep(30)", MARK],
+                            env=env, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "up\n"
+    return proc
 
 
 def test_a_check_for_this_run_sees_only_this_runs_processes():
@@ -36,6 +41,7 @@ def test_a_check_for_this_run_sees_only_this_runs_processes():
         for proc in (ours, theirs, untagged):
             proc.kill()
             proc.wait()
+            proc.stdout.close()
     assert processes_matching(MARK) == []
 
 
