@@ -22,9 +22,11 @@ import hashlib
 import re
 import os
 import shutil
+import time
 
 import pytest
 
+from apx_tests import procfs
 from apx_tests.guests import build, linux, linux_kernel
 from apx_tests.guests.linux_kernel import KernelUnavailable
 from apx_tests.qemu.errors import QemuUnavailable
@@ -104,6 +106,9 @@ def ready(env):
         yield guest
 
 
+_alive = procfs.alive
+
+
 def _digest(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -114,6 +119,43 @@ def test_the_ready_boot_waits_for_a_command(ready):
     assert report.ready == [] and report.results == [] and not report.done, ready.console
     assert ready.path.is_file() and ready.seconds["boot_to_waiting"] > 0
     assert ready.boot() == ready.path  # once per ReadyGuest
+
+
+def test_a_background_boot_is_the_same_boot(env):
+    """start() boots in a thread; boot() waits for it and gives the same ready state (the
+    suite's conftest starts the shared boot this way, before the first item)."""
+    with ReadyGuest(**env) as guest:
+        guest.start()
+        assert guest._thread is not None and guest.path is None  # it runs now, in the background
+        path = guest.boot()
+        assert path == guest.path and path.is_file() and guest.ram.is_file()
+        assert guest._thread is None and guest.boot() == path
+        report = linux.parse_console(guest.console)
+        assert linux.WAITING_LINE in report.lines and report.ready == [], guest.console
+        pids, dirs = list(guest.pids), guest.temp_paths
+        assert pids and not any(_alive(pid) for pid in pids)  # the boot's QEMU is gone
+    assert not any(os.path.exists(p) for p in dirs)
+
+
+def test_a_background_boot_that_fails_raises_in_boot_and_close_ends_one_running(env):
+    with ReadyGuest(**env, timeout=0.3) as guest:
+        guest.start()
+        with pytest.raises(LinuxSessionError) as info:
+            guest.boot()
+        text = str(info.value)
+        assert text.startswith("linux-tcg ready boot: qemu-tcg ready boot: no /init's") and "\n" not in text, text
+    # close() while the boot runs: its QEMU is killed, the thread ends, nothing is left.
+    guest = ReadyGuest(**env)
+    guest.start()
+    deadline = time.monotonic() + 10
+    while guest._booting is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert guest._booting is not None, "the background boot never started its QEMU"
+    thread = guest._thread
+    guest.close()
+    assert not thread.is_alive() and guest.path is None
+    assert guest.pids and not any(_alive(pid) for pid in guest.pids)
+    assert not any(os.path.exists(p) for p in guest.temp_paths)
 
 
 def test_two_runs_from_one_boot_see_only_their_own_state(ready, env):

@@ -75,6 +75,17 @@ def test_main_job_collects_the_suite_and_imports_nothing_of_tests():
     assert not imported & own_tests, sorted(imported & own_tests)
 
 
+def test_the_linux_items_run_last():
+    """apx_tests/suite/conftest.py: the Linux-guest items come after every other item (their
+    shared boot starts in the background at the first item and boots meanwhile), in their
+    own order."""
+    items, _ = _items(_pytest("-m", "apx", "--collect-only", "-q").stdout)
+    linux = [item for item in items if "suite/test_linux.py::" in item]
+    assert linux and len(linux) < len(items), items
+    assert items[-len(linux):] == linux, items
+    assert linux[0].startswith("apx_tests/suite/test_linux.py::test_linux_restore["), linux
+
+
 def test_tests_given_as_a_path_are_collected_with_the_marker():
     """`pytest -m apx tests/...`: a path on the command line is collected (and, having no
     apx-marked test, deselected), not ignored."""

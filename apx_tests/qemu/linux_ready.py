@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -55,14 +56,42 @@ class ReadyGuest(process.Closing):
         self.pids: list[int] = []
         self.machine_dirs: list[str] = []
         self._closed = False
+        self._thread: threading.Thread | None = None  # start(): boot() running in the background
+        self._thread_error: BaseException | None = None
+        self._booting = None  # the boot's Machine while it runs (close() ends it)
         self.workdir = Path(tempfile.mkdtemp(prefix=temp_prefix() + "linux-ready-", dir=_private_tmp_root()))
         self.ram = self.workdir / "ready.ram"  # its guest RAM (Machine.save(ram_to=)), once booted
 
     def matches(self, *, accel: str, qemu, kernel, cpu) -> bool:
         return (accel, qemu, kernel, cpu) == (self.accel, self.qemu, self.kernel, self.cpu)
 
+    def start(self) -> None:
+        """Begin boot() in a background thread, so the boot (a TCG guest's ~3 s of one core)
+        runs while other tests do; boot() then waits for it and raises what it raised.
+        The thread starts and ends the boot's QEMU itself (a QEMU's parent-death signal
+        follows the thread that spawned it)."""
+        if self.path is not None or self._thread is not None or self._closed:
+            return
+        self._thread = threading.Thread(target=self._boot_in_background, name=f"{self.label} boot", daemon=True)
+        self._thread.start()
+
+    def _boot_in_background(self) -> None:
+        try:
+            self._boot()
+        except BaseException as exc:  # handed to the boot() that waits for it
+            self._thread_error = exc
+
     def boot(self) -> Path:
         """Boot to the waiting line and save (once; later calls return the file)."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+            error, self._thread_error = self._thread_error, None
+            if error is not None:
+                raise error
+        return self._boot()
+
+    def _boot(self) -> Path:
         if self.path is not None:
             return self.path
         if self._closed:
@@ -80,7 +109,10 @@ class ReadyGuest(process.Closing):
         machine = None
         try:
             try:
-                machine = Machine(self.spec, label=f"qemu-{self.accel} ready boot", artifacts=self.artifacts)
+                machine = self._booting = Machine(self.spec, label=f"qemu-{self.accel} ready boot",
+                                                  artifacts=self.artifacts)
+                if self._closed:  # closed while this QEMU started (a background boot)
+                    raise QemuError(f"{self.label}: closed")
                 self.pids.append(machine.pid)
                 self.machine_dirs.append(machine.workdir)
                 machine.wait_console(lambda out: linux.WAITING_LINE in linux.parse_console(out).lines or None,
@@ -99,6 +131,7 @@ class ReadyGuest(process.Closing):
             self.seconds["save"] = time.perf_counter() - t1
             self.console = machine.read_console().decode(errors="replace")
         finally:
+            self._booting = None
             if machine is not None:
                 machine.close()
         os.chmod(path, 0o400)  # read by every run, written by none
@@ -114,5 +147,16 @@ class ReadyGuest(process.Closing):
         if self._closed:
             return
         self._closed = True
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            # A background boot: kill its QEMU (the thread sees it die, closes the machine
+            # and ends; closing the Machine from here would race the thread's own close).
+            booting = self._booting
+            if booting is not None and booting.proc is not None:
+                try:
+                    booting.proc.kill()
+                except OSError:
+                    pass
+            thread.join(self.timeout + QEMU_TIMEOUT)
         self.path = None
         process.remove_tree(self.workdir)

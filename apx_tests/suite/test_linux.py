@@ -25,7 +25,8 @@ reason; so does everything when no guest kernel is cached (KernelUnavailable, on
 run ci/bootstrap or set APX_KERNEL), when QEMU is missing, or when --apx-backend leaves
 qemu-tcg-linux out.
 
-The boot is shared (linux_ready.ReadyGuest): the first case that runs boots the guest
+The boot is shared (linux_ready.ReadyGuest, from conftest.py's linux_env: started in the
+background before the session's first item, these items running last): the guest boots
 once to /init's waiting state and saves it; every run (a restore case has two, a
 ctxswitch case one) restores that 'ready' snapshot in a fresh QEMU and sends its item as
 a console command; the guest must say it is its first command (tests/test_linux_shared_boot.py
@@ -34,22 +35,14 @@ proves a used state is refused).  See docs/linux-guests.md.
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
 from apx_tests.cases import LINUX_BACKEND
-from apx_tests.guests import build, linux, linux_kernel
-from apx_tests.guests.linux_kernel import KernelUnavailable
-from apx_tests.pytest.options import apx_cpu_profile, apx_qemu, apx_skip_or_fail
+from apx_tests.guests import linux, linux_kernel
+from apx_tests.pytest.options import apx_cpu_profile, apx_skip_or_fail
 from apx_tests.profiles import PROFILES, exclusion
-from apx_tests.qemu.backend import QemuBackend
-from apx_tests.qemu.host import QemuHost
-from apx_tests.qemu.linux_accel import choose_accel, unavailable_reason
-from apx_tests.qemu.linux_ready import ReadyGuest
+from apx_tests.qemu.linux_accel import unavailable_reason
 from apx_tests.qemu.linux_session import LinuxHolderRun, flip_target
-from apx_tests.qemu.errors import QemuUnavailable
-from apx_tests.qemu.spec import find_qemu
 from apx_tests.xsave import BANKS
 
 BACKEND = LINUX_BACKEND
@@ -60,41 +53,6 @@ BANK_ORDER = ("xmm", "ymm", "x87", "opmask", "zmm_hi256", "hi16_zmm", "apx")
 
 def _case_id(kind: str):
     return lambda bank: f"{BACKEND}-{bank}-{kind}"
-
-
-@pytest.fixture(scope="module")
-def linux_env(pytestconfig):
-    """QEMU, the guest kernel, the build tools, the accelerator this host boots the guest
-    under and the CPU profile's `-cpu`, or a skip saying which is missing."""
-    try:
-        qemu = find_qemu(apx_qemu(pytestconfig))
-    except QemuUnavailable as exc:
-        pytest.skip(str(exc))
-    if not build.have_llvm_mc() or shutil.which("gcc") is None:
-        pytest.skip("the Linux guest programs need llvm-mc >= 18 and gcc (ci/bootstrap installs them)")
-    try:
-        kernel = linux_kernel.find_kernel(fetch=False)
-    except KernelUnavailable as exc:
-        pytest.skip(str(exc))
-    choice = choose_accel(qemu, kernel)  # remembered for the session (no probe boot on kvm_pvm)
-    env = {"qemu": qemu, "kernel": kernel, "cpu": None, "profile_unavailable": None, "accel": choice.accel,
-           "accel_why": choice.why, "backend": None, "ready": None}
-    profile = PROFILES[apx_cpu_profile(pytestconfig)]
-    if not profile.restricts and choice.accel == "tcg":
-        with ReadyGuest(accel=choice.accel, qemu=qemu, kernel=kernel) as env["ready"]:
-            yield env
-        return
-    # The profile's -cpu, and whether the accelerator's guest can provide it (and under KVM
-    # which banks the guest CPU has): one probe boot of the QEMU backend's stub under that
-    # -cpu (the Linux guest's CPU is the same model).
-    host = QemuHost(choice.accel, qemu, profile=profile)
-    try:
-        env.update(cpu=host.spec_cpu if profile.restricts else None, profile_unavailable=host.profile_unavailable(),
-                   backend=QemuBackend(host=host) if choice.accel == "kvm" else None)
-        with ReadyGuest(accel=choice.accel, qemu=qemu, kernel=kernel, cpu=env["cpu"]) as env["ready"]:
-            yield env
-    finally:
-        host.close()
 
 
 def _kernel_apx(bank: str, kernel) -> str | None:
