@@ -49,6 +49,7 @@ from .spec import MachineSpec, _die_with_parent, _private_tmp_root, sweep_stale_
 
 QMP_EXIT_GRACE = 2.0  # seconds to let a QEMU whose QMP connection dropped finish exiting
 POLL_MIN, POLL_MAX = 0.0002, 0.002  # query-migrate polling: a round trip costs ~0.2 ms
+MIGRATION_DONE = frozenset({"completed", "failed", "cancelled"})  # MIGRATION event statuses that end one
 
 _swept = False  # sweep_stale_dirs() ran in this process (before its first machine)
 
@@ -302,6 +303,7 @@ class Machine(process.Closing):
         t0 = time.perf_counter()
         path = os.fspath(path)
         self.qmp("stop")
+        self._listen_migration()
         self.qmp("migrate", uri=f"file:{path}")
         self._wait_migration(f"migrate to file:{path}", "not completed")
         if keep:
@@ -309,9 +311,34 @@ class Machine(process.Closing):
         self.timing.add("save", time.perf_counter() - t0)
         return path
 
+    _migration_events = None  # the MIGRATION listener _listen_migration() armed for the next wait
+    _events_enabled = False  # the 'events' migration capability is on in this QEMU
+
+    def _listen_migration(self) -> None:
+        """Before a migrate / migrate-incoming: have QEMU send MIGRATION events (capability
+        'events', once per QEMU) and listen for them, so _wait_migration sleeps until the
+        migration ends rather than polling query-migrate every 0.2-2 ms (each poll wakes
+        QEMU's main loop, which competes with the migration thread for the CPU)."""
+        if not self._events_enabled:
+            self.qmp("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
+            self._events_enabled = True
+        if self._migration_events is None and self.qmp_client is not None:
+            self._migration_events = self.qmp_client.listen("MIGRATION")
+
     def _wait_migration(self, what: str, not_done: str) -> None:
-        """Poll query-migrate until 'completed'; failed/cancelled/timeout -> QemuError."""
+        """Wait for the MIGRATION event that ends it (when _listen_migration armed one), then
+        poll query-migrate until 'completed': the poll gives the verdict and the message
+        either way (failed/cancelled/timeout -> QemuError, QEMU's death -> its exit)."""
         deadline = time.monotonic() + self.spec.timeout
+        listener, self._migration_events = self._migration_events, None
+        if listener is not None:
+            try:
+                self._await_migration_event(listener, deadline)
+            finally:
+                try:
+                    self.qmp_client.forget(listener)
+                except Exception:
+                    pass  # the connection is gone: the poll below reports why
         delay = POLL_MIN
         while True:
             info = self.qmp("query-migrate")
@@ -326,6 +353,25 @@ class Machine(process.Closing):
             time.sleep(delay)
             delay = min(delay * 1.5, POLL_MAX)
 
+    def _await_migration_event(self, listener, deadline: float) -> None:
+        """Until a MIGRATION event with a final status, QEMU's exit, or the deadline."""
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.qmp_client is None:
+                return
+            # Without a pidfd nothing wakes us at QEMU's exit: look at it every 50 ms.
+            step = remaining if self._pidfd is not None else min(remaining, 0.05)
+            try:
+                event = self.qmp_client.next_event(listener, step, self._pidfd)
+            except QmpTimeout:
+                if self.proc.poll() is not None:
+                    return
+                continue
+            except Exception:
+                return  # the connection failed: the poll reports it
+            if event is None or event.get("data", {}).get("status") in MIGRATION_DONE:
+                return
+
     def wait_incoming(self, *, resume: bool = True) -> None:
         """After -incoming file:PATH: wait until the stream is loaded, then (resume) cont.
 
@@ -339,6 +385,7 @@ class Machine(process.Closing):
     def migrate_incoming(self, path: str | os.PathLike, *, resume: bool = True) -> None:
         """For a machine started with defer=True (-incoming defer): load `path` now."""
         self.incoming = os.fspath(path)
+        self._listen_migration()
         self.qmp("migrate-incoming", uri=f"file:{self.incoming}")
         self.wait_incoming(resume=resume)
 
