@@ -28,6 +28,7 @@ of QEMU's stderr).
 from __future__ import annotations
 
 import atexit
+import errno
 import json
 import mmap
 import os
@@ -45,7 +46,8 @@ from pathlib import Path
 from .. import process
 from .errors import QemuError, QemuUnavailable
 from .qmp import QmpConnection, QmpTimeout
-from .spec import MachineSpec, _die_with_parent, _private_tmp_root, sweep_stale_dirs, temp_prefix
+from .spec import (MachineSpec, _die_with_parent, _private_tmp_root, die_with_parent_prefix, sweep_stale_dirs,
+                   temp_prefix)
 
 QMP_EXIT_GRACE = 2.0  # seconds to let a QEMU whose QMP connection dropped finish exiting
 POLL_MIN, POLL_MAX = 0.0002, 0.002  # query-migrate polling: a round trip costs ~0.2 ms
@@ -179,10 +181,14 @@ class Machine(process.Closing):
         with open(self.path("cmdline.json"), "w") as fh:
             json.dump(self.argv, fh)
         self._stderr_file = open(self.path("qemu.stderr"), "w+b")
+        wrapper = die_with_parent_prefix()  # PR_SET_PDEATHSIG, by setpriv or else a preexec_fn
         try:
-            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=self._stderr_file,
-                                         stderr=self._stderr_file, close_fds=True, preexec_fn=_die_with_parent,
-                                         cwd=self.workdir)
+            if wrapper and not os.access(self.spec.qemu, os.X_OK):  # what exec would refuse, as exec says it
+                code = errno.EACCES if os.path.exists(self.spec.qemu) else errno.ENOENT
+                raise OSError(code, os.strerror(code))
+            self.proc = subprocess.Popen([*wrapper, *self.argv], stdin=subprocess.DEVNULL, stdout=self._stderr_file,
+                                         stderr=self._stderr_file, close_fds=True,
+                                         preexec_fn=None if wrapper else _die_with_parent, cwd=self.workdir)
         except OSError as exc:
             raise QemuUnavailable(f"{self.label}: cannot run {self.spec.qemu}: {exc.strerror or exc}") from None
         try:
