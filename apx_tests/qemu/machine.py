@@ -290,9 +290,10 @@ class Machine(process.Closing):
         self.qmp("stop")
 
     def cont(self) -> None:
-        # Right after query-migrate says "completed", QEMU may still be finishing the
-        # migration in its main loop and refuse `cont` with "Migration is not finalized
-        # yet" (seen here under load): retry that one refusal, briefly.
+        # Right after the migration says "completed" (its MIGRATION event or query-migrate),
+        # QEMU may still be finishing it in its main loop and refuse `cont` with "Migration
+        # is not finalized yet" (~1 in 10 saves after the event, here): retry that one
+        # refusal, briefly.
         deadline = time.monotonic() + self.spec.timeout
         while True:
             try:
@@ -301,7 +302,7 @@ class Machine(process.Closing):
             except QemuError as exc:
                 if "not finalized yet" not in str(exc) or time.monotonic() > deadline:
                     raise
-                time.sleep(0.002)
+                time.sleep(0.0005)
 
     def save(self, path: str | os.PathLike, *, keep: bool = False) -> str:
         """QMP stop + migrate to file:PATH, waiting for completion.  The VM stays stopped
@@ -332,14 +333,16 @@ class Machine(process.Closing):
             self._migration_events = self.qmp_client.listen("MIGRATION")
 
     def _wait_migration(self, what: str, not_done: str) -> None:
-        """Wait for the MIGRATION event that ends it (when _listen_migration armed one), then
-        poll query-migrate until 'completed': the poll gives the verdict and the message
-        either way (failed/cancelled/timeout -> QemuError, QEMU's death -> its exit)."""
+        """Wait for the MIGRATION event that ends it (when _listen_migration armed one):
+        'completed' is the verdict; anything else (failed, cancelled, QEMU's exit, the
+        deadline) goes on to the query-migrate poll, which gives the verdict and the
+        message as before (failed/cancelled/timeout -> QemuError, QEMU's death -> its exit)."""
         deadline = time.monotonic() + self.spec.timeout
         listener, self._migration_events = self._migration_events, None
         if listener is not None:
             try:
-                self._await_migration_event(listener, deadline)
+                if self._await_migration_event(listener, deadline) == "completed":
+                    return
             finally:
                 try:
                     self.qmp_client.forget(listener)
@@ -359,24 +362,28 @@ class Machine(process.Closing):
             time.sleep(delay)
             delay = min(delay * 1.5, POLL_MAX)
 
-    def _await_migration_event(self, listener, deadline: float) -> None:
-        """Until a MIGRATION event with a final status, QEMU's exit, or the deadline."""
+    def _await_migration_event(self, listener, deadline: float) -> str | None:
+        """Until a MIGRATION event with a final status (returned), QEMU's exit or the
+        deadline (None)."""
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self.qmp_client is None:
-                return
+                return None
             # Without a pidfd nothing wakes us at QEMU's exit: look at it every 50 ms.
             step = remaining if self._pidfd is not None else min(remaining, 0.05)
             try:
                 event = self.qmp_client.next_event(listener, step, self._pidfd)
             except QmpTimeout:
                 if self.proc.poll() is not None:
-                    return
+                    return None
                 continue
             except Exception:
-                return  # the connection failed: the poll reports it
-            if event is None or event.get("data", {}).get("status") in MIGRATION_DONE:
-                return
+                return None  # the connection failed: the poll reports it
+            if event is None:
+                return None
+            status = event.get("data", {}).get("status")
+            if status in MIGRATION_DONE:
+                return status
 
     def wait_incoming(self, *, resume: bool = True) -> None:
         """After -incoming file:PATH: wait until the stream is loaded, then (resume) cont.
