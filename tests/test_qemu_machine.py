@@ -257,6 +257,41 @@ def test_incoming_defer(spec):
             standby.expect(b"1")
 
 
+def test_migrations_end_on_their_migration_event(spec, monkeypatch):
+    """A save and a migrate-incoming end on QEMU's MIGRATION event ('completed'), without
+    polling query-migrate: if the events stopped coming (capability off, listener gone),
+    every wait would run into the timeout before its poll."""
+    commands = []
+    qmp = Machine.qmp
+
+    def recording(self, command, **args):
+        commands.append(command)
+        return qmp(self, command, **args)
+
+    monkeypatch.setattr(Machine, "qmp", recording)
+    with Machine(spec, preload=_mailbox()) as m:
+        m.expect(b"0")
+        saved = m.save(m.path("first.mig"))
+        m.cont()
+        m.save(m.path("second.mig"))
+        with Machine(spec, defer=True) as standby:
+            standby.connect()
+            standby.migrate_incoming(saved)
+            assert standby.status() == "running"
+    assert commands.count("migrate") == 2 and commands.count("migrate-incoming") == 1
+    assert commands.count("migrate-set-capabilities") == 2  # once per QEMU
+    assert "query-migrate" not in commands
+
+
+def test_incoming_defer_refusing_garbage_is_one_line(spec, tmp_path):
+    junk = tmp_path / "junk.mig"
+    junk.write_bytes(b"QEVM\0\0\0\3" + b"\xff" * 64)
+    with Machine(spec, defer=True) as standby:
+        with pytest.raises(QemuError) as err:
+            standby.migrate_incoming(junk)
+    assert "\n" not in str(err.value) and "stderr:" in str(err.value)
+
+
 def test_restoring_garbage_is_one_line(spec, tmp_path):
     junk = tmp_path / "junk.mig"
     junk.write_bytes(b"QEVM\0\0\0\3" + b"\xff" * 64)
