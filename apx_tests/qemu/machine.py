@@ -329,8 +329,11 @@ class Machine(process.Closing):
         if not self._events_enabled:
             self.qmp("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
             self._events_enabled = True
-        if self._migration_events is None and self.qmp_client is not None:
-            self._migration_events = self.qmp_client.listen("MIGRATION")
+        if self.qmp_client is None:
+            return  # not connected: the migrate command that follows says so
+        if self._migration_events is not None:  # armed for a migrate that then failed to start
+            self.qmp_client.forget(self._migration_events)
+        self._migration_events = self.qmp_client.listen("MIGRATION")
 
     def _wait_migration(self, what: str, not_done: str) -> None:
         """Wait for the MIGRATION event that ends it (when _listen_migration armed one):
