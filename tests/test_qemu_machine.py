@@ -25,7 +25,7 @@ from apx_tests.guests.build import build_payload
 from apx_tests.qemu import machine as qm
 from apx_tests.qemu.errors import QemuError, QemuUnavailable
 from apx_tests.qemu.machine import Machine
-from apx_tests.qemu.spec import MachineSpec, our_temp_dirs, sweep_stale_dirs
+from apx_tests.qemu.spec import MachineSpec, die_with_parent_prefix, our_temp_dirs, sweep_stale_dirs
 
 GPA = boot.DEFAULT_MAILBOX_GPA
 
@@ -155,12 +155,19 @@ def test_keyboard_interrupt_cleans_up(spec, monkeypatch):
     assert not _alive(seen["pid"]) and not os.path.exists(seen["dir"])
 
 
-def test_qemu_dies_with_its_parent(image, tmp_path):
-    """PR_SET_PDEATHSIG: a SIGKILLed Python leaves no QEMU running."""
+@pytest.mark.parametrize("how", ["setpriv", "preexec_fn"])
+def test_qemu_dies_with_its_parent(image, tmp_path, how):
+    """PR_SET_PDEATHSIG: a SIGKILLed Python leaves no QEMU running -- set by `setpriv
+    --pdeathsig` where util-linux has it, else by a preexec_fn."""
+    if how == "setpriv" and not die_with_parent_prefix():
+        pytest.skip("no setpriv with --pdeathsig here")
     script = textwrap.dedent(f"""
         import sys, time
+        from apx_tests.qemu import machine
         from apx_tests.qemu.machine import Machine
         from apx_tests.qemu.spec import MachineSpec
+        if {how!r} == "preexec_fn":
+            machine.die_with_parent_prefix = lambda: ()
         m = Machine(MachineSpec.create(accel="tcg", kernel={str(image.path)!r}))
         print(m.pid, m.workdir, flush=True)
         time.sleep(60)
@@ -182,6 +189,20 @@ def test_qemu_dies_with_its_parent(image, tmp_path):
     finally:
         child.kill()
         child.wait()
+
+
+@pytest.mark.parametrize("mode", [0o644, None])
+def test_a_qemu_that_cannot_be_executed_is_unavailable(spec, tmp_path, mode):
+    """The same one line whether exec or our check before `setpriv` refuses the binary."""
+    import dataclasses
+
+    binary = tmp_path / "qemu-system-x86_64"
+    if mode is not None:
+        binary.write_bytes(b"")
+        binary.chmod(mode)
+    why = "Permission denied" if mode is not None else "No such file or directory"
+    with pytest.raises(QemuUnavailable, match=rf"^qemu-tcg: cannot run {binary}: {why}$"):
+        Machine(dataclasses.replace(spec, qemu=str(binary)))
 
 
 # --- what a machine does ---------------------------------------------------------------------
@@ -318,6 +339,41 @@ def test_ram_file_copy_keeps_holes_and_says_what_is_wrong(tmp_path):
             qm.copy_ram_file(src, fd, "t")
     finally:
         os.close(fd)
+
+
+def test_migrations_end_on_their_migration_event(spec, monkeypatch):
+    """A save and a migrate-incoming end on QEMU's MIGRATION event ('completed'), without
+    polling query-migrate: if the events stopped coming (capability off, listener gone),
+    every wait would run into the timeout before its poll."""
+    commands = []
+    qmp = Machine.qmp
+
+    def recording(self, command, **args):
+        commands.append(command)
+        return qmp(self, command, **args)
+
+    monkeypatch.setattr(Machine, "qmp", recording)
+    with Machine(spec, preload=_mailbox()) as m:
+        m.expect(b"0")
+        saved = m.save(m.path("first.mig"))
+        m.cont()
+        m.save(m.path("second.mig"))
+        with Machine(spec, defer=True) as standby:
+            standby.connect()
+            standby.migrate_incoming(saved)
+            assert standby.status() == "running"
+    assert commands.count("migrate") == 2 and commands.count("migrate-incoming") == 1
+    assert commands.count("migrate-set-capabilities") == 2  # once per QEMU
+    assert "query-migrate" not in commands
+
+
+def test_incoming_defer_refusing_garbage_is_one_line(spec, tmp_path):
+    junk = tmp_path / "junk.mig"
+    junk.write_bytes(b"QEVM\0\0\0\3" + b"\xff" * 64)
+    with Machine(spec, defer=True) as standby:
+        with pytest.raises(QemuError) as err:
+            standby.migrate_incoming(junk)
+    assert "\n" not in str(err.value) and "stderr:" in str(err.value)
 
 
 def test_restoring_garbage_is_one_line(spec, tmp_path):

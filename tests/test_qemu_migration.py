@@ -841,6 +841,60 @@ def test_mutations_never_escape_as_other_exceptions(tmp_path, good):
     assert outcomes["error"] > 0 and outcomes["ok"] > 0
 
 
+def test_zero_page_runs_read_as_record_by_record(tmp_path, good, monkeypatch):
+    """The reader takes runs of zero-page records in one comparison (stream._zero_run): a
+    record in such a run that differs in any way -- a fill byte other than 0, an address out
+    of order, other flags, a cut -- gives the same page index or the same error as reading
+    every record on its own (_zero_run turned off)."""
+    import apx_tests.qemu.migration.stream as stream_module
+
+    _, data, stream = good
+    ram = stream.main_ram_block()
+    assert ram.page_count("zero") > 1000  # what makes the runs worth it
+
+    def record(page: int, flags: int = 0x22) -> bytes:  # RAM_ZERO | RAM_CONTINUE
+        return (page << 12 | flags).to_bytes(8, "big")
+
+    at = data.find(record(0x800) + b"\0")
+    assert at > 0 and data[at + 9:at + 17] == record(0x801)
+    variants = {"as saved": data}
+
+    def edit(name: str, offset: int, new: bytes) -> None:
+        bad = bytearray(data)
+        bad[offset:offset + len(new)] = new
+        variants[name] = bytes(bad)
+
+    edit("fill byte 0x5a", at + 8, b"\x5a")
+    edit("fill byte 0x5a later in the run", at + 9 * 40 + 8, b"\x5a")
+    edit("address out of order", at + 9 * 3, record(0x900))
+    edit("address repeated", at + 9 * 5, record(0x804))
+    edit("address beyond the block", at + 9 * 7, record(0x1000))
+    edit("zero page without CONTINUE", at + 9 * 9, record(0x809, 0x02))
+    edit("a data page", at + 9 * 11, record(0x80b, 0x28))
+    edit("unknown flag", at + 9 * 13, record(0x80d, 0x22 | 0x200))
+    last = data.find(record(0xFFF) + b"\0")  # the block's last page, if sent as zero
+    if last > 0:
+        edit("the run going on past the block's end", last + 9, record(0x1000) + b"\0")
+    variants["cut in the run"] = data[:at + 9 * 20 + 4]
+
+    def read(raw: bytes):
+        try:
+            opened = _open_bytes(tmp_path, raw, vmdesc=stream.vmdesc)
+        except MigrationStreamError as err:
+            return str(err)
+        block = opened.main_ram_block()
+        return list(block.pages), [s.name for s in opened.sections]
+
+    fast = {name: read(raw) for name, raw in variants.items()}
+    monkeypatch.setattr(stream_module, "_zero_run", lambda *args: 0)
+    slow = {name: read(raw) for name, raw in variants.items()}
+    for name in variants:
+        assert fast[name] == slow[name], name
+    assert fast["as saved"][0] == list(ram.pages)
+    assert fast["fill byte 0x5a"][0][0x800] == PAGE_ZERO
+    assert isinstance(fast["address beyond the block"], str)
+
+
 def test_qemu_harness_cleans_up_even_on_failure():
     with pytest.raises(RuntimeError, match="boom"):
         with Qemu("tcg") as vm:

@@ -32,6 +32,7 @@ How each Session operation maps onto QEMU (docs/qemu.md has the why):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import struct
@@ -166,8 +167,13 @@ class QemuSession(Session):
         (docs/qemu.md, "Standby QEMU").  Only the first restore or import uses it."""
         if self._standby is not None or self._closed:
             return
+        # prealloc: the standby populates its guest RAM while it starts (off the critical
+        # path), so loading the stream no longer faults in each page as it first reads it
+        # (restore ~20 ms less here).  The boot's QEMU keeps lazy RAM: there the same cost
+        # would only move from its first save into the boot (MachineSpec.prealloc).
+        spec = dataclasses.replace(self.spec, prealloc=True)
         with self.clock.timed("standby"):  # the spawn only: QEMU's start-up is not waited for
-            self._standby = Machine.standby(self.spec, label=self.machine.label)
+            self._standby = Machine.standby(spec, label=self.machine.label)
         self.host.standbys.add(self._standby)
 
     # ---- guest control ----------------------------------------------------------------------

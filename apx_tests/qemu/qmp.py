@@ -34,6 +34,39 @@ class QmpConnection:
     def cmd(self, command: str, **args):
         return self._run(self._client.execute(command, args or None), command)
 
+    def listen(self, *names: str):
+        """A qemu.qmp EventListener for the events `names`, registered now: what QEMU sends
+        from here on queues in it (while a call runs the loop) until forget(listener)."""
+        from qemu.qmp import EventListener
+
+        listener = EventListener(names)
+        self._client.register_listener(listener)
+        return listener
+
+    def forget(self, listener) -> None:
+        self._client.remove_listener(listener)
+
+    def next_event(self, listener, timeout: float, wake_fd: int | None = None):
+        """The listener's next event (a qemu.qmp Message); None if `wake_fd` turns readable
+        first (QEMU's pidfd: it exited, and no event will come); QmpTimeout after `timeout`."""
+        asyncio, loop = self._asyncio, self._loop
+
+        async def wait():
+            get = asyncio.ensure_future(listener.get())
+            woke = loop.create_future()
+            if wake_fd is not None:
+                loop.add_reader(wake_fd, lambda: woke.done() or woke.set_result(None))
+            try:
+                done, _ = await asyncio.wait({get, woke}, return_when=asyncio.FIRST_COMPLETED)
+                return get.result() if get in done else None
+            finally:
+                if wake_fd is not None:
+                    loop.remove_reader(wake_fd)
+                get.cancel()
+                woke.cancel()
+
+        return self._run(wait(), "event", timeout)
+
     def close(self) -> None:
         if self._loop.is_closed():
             return

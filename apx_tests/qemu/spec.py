@@ -13,7 +13,8 @@ What each QEMU gets (docs/qemu.md):
   -incoming file:PATH or defer for restores
 
 Every QEMU started here (short runs and ``machine.Machine``'s) gets PR_SET_PDEATHSIG
-(``_die_with_parent``), so even a killed Python does not leave it running.
+(``_die_with_parent``, or util-linux ``setpriv --pdeathsig`` for machines:
+``die_with_parent_prefix``), so even a killed Python does not leave it running.
 """
 
 from __future__ import annotations
@@ -33,7 +34,11 @@ from .errors import QemuUnavailable
 
 QEMU_BINARY = "qemu-system-x86_64"
 QBOOT_CANDIDATES = ("/usr/share/qemu/qboot.rom", "/usr/share/seabios/qboot.rom")
-DEFAULT_MEMORY_MIB = 16
+# The payload guests' RAM: what the KVM micro-VMM gives the same guest (kvm/vmm.py
+# MEMORY_SIZE; the mailbox sits at 2 MiB).  Every migration walks all of it -- each page
+# faulted in on a QEMU's first save or load, one record per page in every stream -- so
+# 16 MiB cost a fresh_vm case tens of ms more than 4 MiB, for RAM the guest never uses.
+DEFAULT_MEMORY_MIB = 4
 DEFAULT_TIMEOUT = 10.0
 TEMP_PREFIX = "apx-qemu-"  # + pid + "-": a process finds (and a test counts) only its own directories
 MICROVM_MACHINE = "microvm,pit=off,pic=off,rtc=off,isa-serial=off,acpi=off"  # the payload guests' machine
@@ -95,6 +100,25 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except Exception:
         pass
+
+
+@functools.lru_cache(maxsize=None)
+def die_with_parent_prefix() -> tuple[str, ...]:
+    """An argv prefix giving the command PR_SET_PDEATHSIG without a preexec_fn: util-linux
+    `setpriv --pdeathsig KILL --` sets it and execs the command (same pid).  Any preexec_fn
+    makes subprocess fork() the whole Python process instead of vfork(): ~6 ms a QEMU on a
+    nested 2-core host, against ~1 ms for the extra exec.  () when setpriv is missing or
+    does not know --pdeathsig (util-linux < 2.33): callers then use _die_with_parent."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return ()
+    prefix = (setpriv, "--pdeathsig", "KILL", "--")
+    try:
+        ok = subprocess.run([*prefix, "true"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        ok = False
+    return prefix if ok else ()
 
 
 # --- short runs: facts of a binary, measured once -----------------------------------------
@@ -237,12 +261,18 @@ class MachineSpec:
     timeout: float = DEFAULT_TIMEOUT
     machine: str = MICROVM_MACHINE  # the -machine value; ",memory-backend=ram" is appended
     console: bool = False  # the serial port (ttyS0) on a chardev socket this process listens on
+    # Guest RAM populated by QEMU while it starts (prealloc=on), not a page at a time when
+    # first touched.  A QEMU's first migration (save or load) reads every page of guest RAM,
+    # and each first touch of a tmpfs page is a page fault that allocates it (~5 us each on
+    # a nested host: ~25 ms for 16 MiB).  Not part of the stream: a restoring machine may
+    # differ from the saving one here.
+    prealloc: bool = False
 
     @classmethod
     def create(cls, *, accel: str, kernel: str | os.PathLike, qemu: str | None = None, cpu: str | None = None,
                memory_mib: int = DEFAULT_MEMORY_MIB, extra: Iterable[str] = (),
                timeout: float = DEFAULT_TIMEOUT, machine: str = MICROVM_MACHINE,
-               console: bool = False) -> "MachineSpec":
+               console: bool = False, prealloc: bool = False) -> "MachineSpec":
         if accel not in ("kvm", "tcg"):
             raise ValueError(f"accel must be 'kvm' or 'tcg', not {accel!r}")
         path = find_qemu(qemu)
@@ -253,7 +283,7 @@ class MachineSpec:
         if cpu is None:
             cpu = kvm_cpu_model(path).cpu if accel == "kvm" else TCG_CPU
         return cls(path, accel, cpu, os.fspath(kernel),
-                   find_qboot(path), memory_mib, tuple(extra), timeout, machine, console)
+                   find_qboot(path), memory_mib, tuple(extra), timeout, machine, console, prealloc)
 
     @property
     def name(self) -> str:
@@ -268,7 +298,8 @@ class MachineSpec:
             "-bios", self.bios,
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-S",
             "-accel", self.accel, "-cpu", self.cpu, "-smp", "1", "-m", mem,
-            "-object", f"memory-backend-file,id=ram,size={mem},mem-path={d}/ram,share=on",
+            "-object", f"memory-backend-file,id=ram,size={mem},mem-path={d}/ram,share=on"
+                      + (",prealloc=on" if self.prealloc else ""),
             "-chardev", f"socket,id=dbg,path={d}/dbg.sock",
             "-device", "isa-debugcon,iobase=0xe9,chardev=dbg",
             "-device", "isa-debug-exit,iobase=0xf4,iosize=1",

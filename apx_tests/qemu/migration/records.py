@@ -233,6 +233,13 @@ class RamBlock:
             pages.extend([PAGE_NOT_SENT] * (index - len(pages)))
         pages.append(value)
 
+    def _set_run(self, index: int, count: int, value: int) -> None:
+        """_set(i, value) for pages index .. index+count-1, as one array operation."""
+        pages = self.pages
+        if index > len(pages):
+            pages.extend(array("q", [PAGE_NOT_SENT]) * (index - len(pages)))
+        pages[index:index + count] = array("q", [value]) * count
+
     def page_count(self, kind: str = "data") -> int:
         """How many pages are ``"data"`` (sent with contents), ``"zero"`` or ``"unsent"``."""
         if kind == "data":

@@ -29,6 +29,7 @@ import json
 import mmap
 import os
 import shutil
+import struct
 from typing import Any, Mapping
 
 from .cpu_fields import CpuState, _xstate_mask_of
@@ -64,6 +65,36 @@ from .records import (
 )
 
 _VMDESC_TAIL_LIMIT = 64 << 20  # how far from the end a vmdesc may start
+_ZERO_RUN_FIRST, _ZERO_RUN_MAX = 8, 1024  # records one comparison in _zero_run covers (it doubles)
+
+
+def _zero_run(data, at: int, header: int, step: int, limit: int) -> int:
+    """How many 9-byte records from `at` (at most `limit`) are zero pages exactly as QEMU
+    writes a run of them: be64 `header`, `header + step`, ... (the address grows by a page,
+    the flags stay ZERO|CONTINUE), each followed by the fill byte 0.
+
+    Most of a payload guest's stream is such a run (4096 records for 16 MiB of RAM, ~40 data
+    pages): comparing whole runs against the bytes they must be, in C, replaces a Python
+    loop iteration per record.  A record that differs in any byte (another page kind,
+    another address, a non-zero fill byte) ends the run; the caller reads it the slow way."""
+    total, n = 0, _ZERO_RUN_FIRST
+    while total < limit:
+        n = min(n, limit - total)
+        start = at + 9 * total
+        first = header + total * step
+        headers = struct.pack(f">{n}Q", *range(first, first + n * step, step))
+        expected = bytearray(9 * n)  # the fill bytes (every 9th) stay 0
+        for j in range(8):
+            expected[j::9] = headers[j::8]
+        actual = data[start:start + 9 * n]
+        if actual == expected:
+            total += n
+            n = min(2 * n, _ZERO_RUN_MAX)
+            continue
+        # The first byte that differs (highest differing bit of the XOR, big-endian).
+        diff = int.from_bytes(actual, "big") ^ int.from_bytes(expected, "big")
+        return total + (len(actual) - 1 - (diff.bit_length() - 1) // 8) // 9
+    return total
 
 
 # ---------------------------------------------------------------------------
@@ -375,8 +406,11 @@ class MigrationStream:
             # Fast paths: the bulk of a stream is pages of the block just named.
             if block is not None and addr < block.length:
                 if flags == zero_cont and r.pos < size:
-                    r.pos += 1
-                    block._set(addr // ps, PAGE_ZERO)
+                    # This zero page (any fill byte, as before) and the run that follows it.
+                    left = -(-(block.length - addr) // ps) - 1  # pages of the block after this one
+                    n = 1 + _zero_run(data, at + 9, word + ps, ps, min(left, (size - at - 9) // 9))
+                    block._set_run(addr // ps, n, PAGE_ZERO)
+                    r.pos = at + 9 * n
                     continue
                 if flags == page_cont and r.pos + ps <= size:
                     block._set(addr // ps, r.pos)
