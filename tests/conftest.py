@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+# Imported here, before any pytester snapshot, so asyncio is never among the modules an
+# in-process run (pytester.runpytest_inprocess) first imports and pytester then drops:
+# the next import would build a second asyncio while the C tasks (_asyncio, set up once
+# per process) keep raising the first one's CancelledError, which qemu.qmp's
+# `except asyncio.CancelledError` then misses (test_inprocess_run_leaves_one_asyncio).
+import asyncio  # noqa: F401
 import os
 import uuid
 

@@ -78,3 +78,25 @@ def test_unavailable_stand_in_bank_skips_even_in_lab_mode(pytester, kvm_backend)
     result = pytester.runpytest_inprocess("-m", "apx", "--apx-backend", "kvm", "-k", f"kvm-{missing[0]}-export",
                                           "--apx-require")
     result.assert_outcomes(skipped=1)
+
+
+def test_inprocess_run_leaves_one_asyncio(pytester):
+    """A run in-process that imports asyncio first (labgrid's plugin did, in the runs above)
+    must leave the asyncio that tasks cancel with: pytester drops the modules such a run
+    imported, the next import builds a second asyncio, and the C tasks (_asyncio, set up
+    once per process) still raise the first one's CancelledError, which no
+    `except asyncio.CancelledError` then catches (qemu.qmp's reader failed on it, and
+    QmpConnection.close raised it in tests/test_faults.py after this module)."""
+    pytester.makepyfile("import asyncio\n\n\ndef test_imports_asyncio():\n    assert asyncio.sleep\n")
+    pytester.runpytest_inprocess("-q").assert_outcomes(passed=1)
+
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    try:
+        task = loop.create_task(asyncio.sleep(3600))
+        loop.call_soon(task.cancel)
+        with pytest.raises(asyncio.CancelledError):
+            loop.run_until_complete(task)
+    finally:
+        loop.close()
