@@ -226,7 +226,9 @@ class GuestHost(AgentTransport):
     def command(self) -> list[str]:
         from ..qemu.spec import find_qemu
         qemu = find_qemu(self.options.qemu)
-        words = ["console=ttyS0", "quiet", "panic=-1"]
+        # cryptomgr.notests: the crypto self-tests cost ~1 s of a TCG boot and test nothing
+        # the KVM cases look at (as for the Linux guests, apx_tests.guests.linux).
+        words = ["console=ttyS0", "quiet", "panic=-1", "cryptomgr.notests"]
         if self.accel == "tcg":
             khz = linux.host_tsc_khz()
             if khz:

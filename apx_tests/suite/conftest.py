@@ -36,10 +36,13 @@ def _is_linux(item: pytest.Item) -> bool:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The Linux-guest items go last (in their own order): see the module docstring."""
+    """The Linux-guest items go last (in their own order): see the module docstring.
+    Under pytest-xdist they go first: the longest unit of work starts at once on one worker
+    (apx_tests/pytest/xdist_scopes.py hands units out in collection order)."""
     linux = [item for item in items if _is_linux(item)]
     if linux:
-        items[:] = [item for item in items if not _is_linux(item)] + linux
+        others = [item for item in items if not _is_linux(item)]
+        items[:] = linux + others if os.environ.get("PYTEST_XDIST_WORKER") else others + linux
 
 
 def linux_environment(config: pytest.Config) -> dict | str:
