@@ -25,7 +25,7 @@ from .spec import MachineSpec, _private_tmp_root, kvm_usable, temp_prefix
 
 LINUX_MACHINE = "microvm"  # default devices (serial, PIT, PIC, RTC): what linux.MACHINE_ARGS boots
 LINUX_MEMORY_MIB = 256  # linux.MEMORY
-QEMU_TIMEOUT = 30.0  # MachineSpec.timeout: QMP calls, loading a ~60 MB stream
+QEMU_TIMEOUT = 30.0  # MachineSpec.timeout: QMP calls and migrations of a Linux guest
 
 TCG_NO_AVX512 = ("QEMU TCG never emulates AVX-512 (-cpu max has no AVX512F, CPUID.(EAX=7,ECX=0):EBX[16]=0, "
                  "so the guest's XCR0 lacks 0xe0: opmask, ZMM_Hi256, Hi16_ZMM)")

@@ -59,7 +59,8 @@ TIMEOUT = 60.0  # seconds for a boot to the ready line / a result after the rele
 STOP_TRIES = 50  # stop, look, cont: at most this many times until the vCPU is in the spin loop
 CTX_SETTLE = 0.1  # seconds the ctx pair runs (and switches) before the snapshot and after the restore
 SAVE_BANDWIDTH = 16 << 30  # migrate-set-parameters max-bandwidth: QEMU's default 128 MiB/s
-# makes the ~60 MB stream of a Linux guest take 0.6 s instead of 0.25 s
+# made a Linux guest's ~60 MB stream take 0.6 s instead of 0.25 s (RAM now travels as a file,
+# Machine.save(ram_to=), but a save without it must not crawl either)
 
 # Which byte the self-test flips, per bank (a register in the middle, a byte of its upper part).
 FLIP = {"xmm": ("xmm13", 5), "ymm": ("ymm13", 21), "x87": ("st5", 3)}
