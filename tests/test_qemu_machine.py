@@ -285,7 +285,7 @@ def test_ram_as_a_file_save_and_restore(spec, tmp_path):
             assert fh.read(256) == bytes(range(256))
     # The saving QEMU and its directory are gone; the stream and the RAM file restore it.
     with Machine.restore(spec, saved, ram) as restored:
-        assert restored.status() == "running" and restored.timing.phases["ram_copy"] >= 0
+        assert restored.status() == "running" and "ram_copy" in restored.timing.phases  # the copy ran
         assert restored.read(GPA + protocol.LOAD_AREA, 256) == bytes(range(256))
         restored.write(GPA + protocol.EXPECT_AREA, bytes(range(256)))
         restored.write(GPA + protocol.OFF_GO, struct.pack("<I", 1))
