@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 
 from apx_tests import procfs
+from apx_tests.qemu.host import kept_gdb_pids
 from apx_tests.guests import boot
 from apx_tests.guests.build import GuestBuildError, assemble_object, flat_code
 from apx_tests.qemu.gdb import GDB_MISSING, GdbError, GdbSession
@@ -608,7 +609,10 @@ def _alive(pid: int | None) -> bool:
 
 
 def children_named(*names: str) -> list[tuple[int, str]]:
-    return [(p.pid, p.comm) for p in procfs.children() if p.comm.startswith(names)]
+    """Our children by name, but the gdbs QEMU hosts keep between views on purpose (those of
+    the plugin's hosts live until the session ends when the suite runs in this process)."""
+    kept = kept_gdb_pids()
+    return [(p.pid, p.comm) for p in procfs.children() if p.comm.startswith(names) and p.pid not in kept]
 
 
 def test_zz_no_leftover_processes_or_dirs():

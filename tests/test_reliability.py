@@ -34,6 +34,7 @@ from apx_tests.kvm.system import KvmUnavailable
 from apx_tests.qemu import gdb as gdbmod
 from apx_tests.qemu.backend import QemuBackend
 from apx_tests.qemu.errors import QemuUnavailable
+from apx_tests.qemu.host import kept_gdb_pids
 from apx_tests.qemu.spec import our_temp_dirs
 from apx_tests.scenarios import Run
 from apx_tests.xsave import BANKS
@@ -283,8 +284,11 @@ def test_a_real_kvm_node_opens_with_dac_override():
 # --- nothing left behind ---------------------------------------------------------------------
 
 def _children() -> list[tuple[int, str, str]]:
-    """(pid, comm, state) of every descendant process of this one, zombies included."""
-    return [(p.pid, p.comm, p.state) for p in procfs.descendants()]
+    """(pid, comm, state) of every descendant process of this one, zombies included, but
+    the gdbs live QEMU hosts keep between views on purpose (the plugin's hosts keep theirs
+    until the session ends when the suite runs in this process)."""
+    kept = kept_gdb_pids()
+    return [(p.pid, p.comm, p.state) for p in procfs.descendants() if p.pid not in kept]
 
 
 def _resources() -> dict:
