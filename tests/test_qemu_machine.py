@@ -223,6 +223,18 @@ def test_memory_qmp_hmp_pmemsave(spec):
             m.read(len(m.memory) - 4, 8)
 
 
+def _verify_loaded_bytes_and_exit(restored):
+    """A restored guest at stage 1 still holds bytes 0..255, verifies them against EXPECT
+    (status ok at stage 2) and exits through isa-debug-exit with status pass."""
+    assert restored.read(GPA + protocol.LOAD_AREA, 256) == bytes(range(256))
+    restored.write(GPA + protocol.EXPECT_AREA, bytes(range(256)))
+    restored.write(GPA + protocol.OFF_GO, struct.pack("<I", 1))
+    restored.expect(b"2")
+    assert protocol.read_mailbox(restored.read(GPA, 24)).status == protocol.STATUS_OK
+    restored.write(GPA + protocol.OFF_GO, struct.pack("<I", 2))
+    assert restored.wait_exit() == 3
+
+
 def test_save_and_restore_into_a_fresh_process(spec, tmp_path):
     with Machine(spec, preload=_mailbox()) as m:
         m.expect(b"0")
@@ -235,13 +247,7 @@ def test_save_and_restore_into_a_fresh_process(spec, tmp_path):
         m.close()  # the stream is loaded: the original may go
         with restored:
             assert restored.status() == "running" and restored.debug_output == b""
-            assert restored.read(GPA + protocol.LOAD_AREA, 256) == bytes(range(256))
-            restored.write(GPA + protocol.EXPECT_AREA, bytes(range(256)))
-            restored.write(GPA + protocol.OFF_GO, struct.pack("<I", 1))
-            restored.expect(b"2")
-            assert protocol.read_mailbox(restored.read(GPA, 24)).status == protocol.STATUS_OK
-            restored.write(GPA + protocol.OFF_GO, struct.pack("<I", 2))
-            assert restored.wait_exit() == 3
+            _verify_loaded_bytes_and_exit(restored)
 
 
 def test_incoming_defer(spec):
@@ -286,13 +292,7 @@ def test_ram_as_a_file_save_and_restore(spec, tmp_path):
     # The saving QEMU and its directory are gone; the stream and the RAM file restore it.
     with Machine.restore(spec, saved, ram) as restored:
         assert restored.status() == "running" and "ram_copy" in restored.timing.phases  # the copy ran
-        assert restored.read(GPA + protocol.LOAD_AREA, 256) == bytes(range(256))
-        restored.write(GPA + protocol.EXPECT_AREA, bytes(range(256)))
-        restored.write(GPA + protocol.OFF_GO, struct.pack("<I", 1))
-        restored.expect(b"2")
-        assert protocol.read_mailbox(restored.read(GPA, 24)).status == protocol.STATUS_OK
-        restored.write(GPA + protocol.OFF_GO, struct.pack("<I", 2))
-        assert restored.wait_exit() == 3
+        _verify_loaded_bytes_and_exit(restored)
     with open(ram, "rb") as fh:  # the restore copied the file: the guest's writes stayed in its own
         fh.seek(GPA + protocol.EXPECT_AREA)
         assert fh.read(256) != bytes(range(256))

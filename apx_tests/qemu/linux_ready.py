@@ -16,12 +16,12 @@ from .. import process
 from ..guests import linux
 from .errors import QemuError
 from .linux_accel import LINUX_MACHINE, LINUX_MEMORY_MIB, QEMU_TIMEOUT
-from .linux_session import SAVE_BANDWIDTH, TIMEOUT, LinuxSessionError, _tail
+from .linux_session import SAVE_BANDWIDTH, TIMEOUT, LinuxSessionError, PrivateFiles, _tail
 from .machine import Machine
 from .spec import MachineSpec, _private_tmp_root, temp_prefix
 
 
-class ReadyGuest(process.Closing):
+class ReadyGuest(PrivateFiles, process.Closing):
     """The guest booted once to /init's waiting state (apx.wait=console) and saved to a
     file: the 'ready' snapshot every ``LinuxHolderRun(ready=...)`` restores in a fresh
     QEMU instead of booting (what Firecracker's snapshot restore does).
@@ -125,7 +125,7 @@ class ReadyGuest(process.Closing):
             t1 = time.perf_counter()
             try:
                 machine.qmp("migrate-set-parameters", **{"max-bandwidth": SAVE_BANDWIDTH})
-                machine.save(path, ram_to=self.workdir / "ready.ram")
+                machine.save(path, ram_to=self.ram)
             except QemuError as exc:
                 raise LinuxSessionError(f"{self.label} snapshot: {exc}") from None
             self.seconds["save"] = time.perf_counter() - t1
@@ -135,13 +135,9 @@ class ReadyGuest(process.Closing):
             if machine is not None:
                 machine.close()
         os.chmod(path, 0o400)  # read by every run, written by none
-        os.chmod(self.workdir / "ready.ram", 0o400)
+        os.chmod(self.ram, 0o400)
         self.path = path
         return path
-
-    @property
-    def temp_paths(self) -> list[str]:
-        return [str(self.workdir), *self.machine_dirs]
 
     def close(self) -> None:
         if self._closed:

@@ -194,7 +194,19 @@ class RestoreResult:
 # --- the run ------------------------------------------------------------------------------------
 
 
-class LinuxHolderRun(process.Closing):
+class PrivateFiles:
+    """A Linux run's own 0700 directory (`workdir`) and those of the QEMUs it started
+    (`machine_dirs`): `temp_paths` lists them all, gone after close()."""
+
+    workdir: Path
+    machine_dirs: list[str]
+
+    @property
+    def temp_paths(self) -> list[str]:
+        return [str(self.workdir), *self.machine_dirs]
+
+
+class LinuxHolderRun(PrivateFiles, process.Closing):
     """One Linux guest holding `bank` (or, with `ctx`, two holders of it on one vCPU),
     booted once, snapshotted once, restored as often as asked (each time in a new QEMU)."""
 
@@ -544,11 +556,6 @@ class LinuxHolderRun(process.Closing):
                              self.label)
 
     # ---- lifetime ---------------------------------------------------------------------------------
-    @property
-    def temp_paths(self) -> list[str]:
-        """Every private directory this run created (all gone after close())."""
-        return [str(self.workdir), *self.machine_dirs]
-
     def close(self) -> None:
         if self._closed:
             return
