@@ -64,10 +64,11 @@ EXPECTED = {
         comps={n: INTEL[n] for n in (2, 5, 6, 7, 9, 17, 18, 19)},
         kvm_xcr0=0xE02E7, kvm_layout_xcr0=0x802E7, xsave2=4096, apx_cpu=True, kvm_apx=True,
         runnable=ALL_BANKS),
+    # Recorded on a machine of our kind (2026-12-02): CPUID.(0xD,0).EAX 0x600e7 (no PKRU, no
+    # MPX), XSS 0 (CPUID.(0xD,1).ECX), PKU absent (7.0 ECX[3] = 0); family 6 model 0xA7.
     "kind-intel-xeon-pvm": dict(
-        vendor="GenuineIntel", fms=(6, 143, 4), host_xcr0=0x600E7, cpu_xcr0=0x602E7, size=11008,
-        xss=(1 << 8) | (1 << 10) | (1 << 11) | (1 << 12) | (1 << 14) | (1 << 15),
-        comps={n: INTEL[n] for n in (2, 5, 6, 7, 9, 17, 18)},
+        vendor="GenuineIntel", fms=(6, 167, 1), host_xcr0=0x600E7, cpu_xcr0=0x600E7, size=11008, xss=0,
+        comps={n: INTEL[n] for n in (2, 5, 6, 7, 17, 18)},
         kvm_xcr0=0xE7, kvm_layout_xcr0=0xE7, xsave2=4096, apx_cpu=False, kvm_apx=False,
         runnable={"hi16_zmm", "zmm_hi256", "opmask", "ymm", "xmm", "x87"}),
     "kind-amd-epyc-pvm": dict(
@@ -286,8 +287,20 @@ def test_diamond_rapids_runs_apx(descs):
 
 def test_intel_kind_skips_pkru_and_apx_on_its_kvm(descs):
     banks = _banks(descs, "kind-intel-xeon-pvm")
-    assert banks["pkru"].reason == "host XCR0 0x600e7 lacks bit 9 (PKRU); KVM supported XCR0 0xe7 lacks bit 9 (PKRU)"
+    assert banks["pkru"].reason == ("CPU lacks PKU (CPUID.(EAX=7,ECX=0):ECX[3]=0); host XCR0 0x600e7 lacks "
+                                    "bit 9 (PKRU); KVM supported XCR0 0xe7 lacks bit 9 (PKRU)")
     assert banks["apx"].reason.endswith("KVM supported XCR0 0xe7 lacks bit 19 (APX)")
+
+
+def test_pku_cpu_whose_kernel_left_pkru_off_names_only_xcr0(descs):
+    """A CPU with PKU whose kernel did not enable it (CR4.PKE clear, XCR0[9] = 0): the CPU is
+    not blamed, only the two XCR0s are."""
+    data = descs["kind-intel-xeon-pvm"].to_dict()
+    eax, ebx, ecx, edx = data["cpuid"]["0x7.0"]
+    data["cpuid"]["0x7.0"] = [eax, ebx, f"0x{int(ecx, 16) | 1 << 3:08x}", edx]
+    desc = HostDescription.from_dict(data)
+    assert _banks({"x": desc}, "x")["pkru"].reason == (
+        "host XCR0 0x600e7 lacks bit 9 (PKRU); KVM supported XCR0 0xe7 lacks bit 9 (PKRU)")
 
 
 def test_dmr_without_apx_in_kvm_names_only_kvm(descs):
