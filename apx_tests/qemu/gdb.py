@@ -31,6 +31,7 @@ import contextlib
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -292,8 +293,12 @@ class GdbSession:
                 raise GdbError(f"gdb gave no answer within {timeout:g}s to `{_short(mi)}`{self._context()} "
                                f"on {self.socket_path} (gdb killed){hint}")
             try:
-                records = self._controller.get_gdb_response(timeout_sec=min(remaining, 0.2),
-                                                            raise_error_on_timeout=False)
+                # Wait for output ourselves, then let pygdbmi read what is there without
+                # waiting: its own wait lingers time_to_check_for_additional_output_sec
+                # after every chunk, ~1 ms per command, ~1 s over the main job's views.
+                ready, _, _ = select.select(self._controller.io_manager.read_list, [], [], min(remaining, 0.2))
+                records = self._controller.get_gdb_response(timeout_sec=0, raise_error_on_timeout=False) \
+                    if ready else []
             except (OSError, ValueError) as e:
                 self._dead(mi, f"reading gdb output failed: {e}")
             for r in records:
