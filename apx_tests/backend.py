@@ -153,6 +153,10 @@ class Backend(abc.ABC):
         """A scenario Run closed all its sessions: what the backend kept for them goes too
         (the QEMU backend: standby QEMUs its snapshots still hold).  Default: nothing."""
 
+    def idle(self) -> None:
+        """No case of this backend follows soon: end what it keeps warm for the next one
+        (the QEMU backend: a spare boot QEMU, QemuHost.spare_boots).  Default: nothing."""
+
     def init_readout_unjudgeable(self, bank: Bank) -> str | None:
         """Why this backend's vCPU cannot show whether `bank`'s init state was loaded
         (the guest's store would read the same either way), or None.  The init_state

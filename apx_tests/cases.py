@@ -60,9 +60,10 @@ def expand_backends(choices) -> tuple[str, ...]:
 
 
 def open_backend(name: str, *, qemu: str | None = None, artifacts: str | None = None,
-                 profile: str = DEFAULT_PROFILE, tag: str = "") -> Backend:
+                 profile: str = DEFAULT_PROFILE, tag: str = "", keep_warm: bool = False) -> Backend:
     """Open backend `name` (kvm, qemu-kvm, qemu-tcg) with CPU profile `profile`
     (apx_tests.profiles), a QEMU backend on binary `qemu` whose case ids carry `tag`;
+    `keep_warm`: a QEMU backend starts each next boot's QEMU ahead (QemuHost.spare_boots).
     OSError (KvmUnavailable, QemuUnavailable) when it cannot be."""
     cpu = profiles.profile(profile)
     if name == "kvm":
@@ -70,6 +71,7 @@ def open_backend(name: str, *, qemu: str | None = None, artifacts: str | None = 
         return KvmBackend(KvmHost(profile=cpu))
     from .qemu.backend import QemuBackend
     backend = QemuBackend(name.split("-", 1)[1], qemu=qemu, profile=cpu, tag=tag)
+    backend.host.spare_boots = keep_warm
     if artifacts:
         backend.host.artifacts = os.path.join(artifacts, backend.name)
     return backend
@@ -172,12 +174,14 @@ class CaseRunner:
 
     def __init__(self, payload: Callable[[str], bytes] | None = None, *, qemu=None,
                  artifacts: str | None = None, session_wrapper: Callable | None = None,
-                 profile: str = DEFAULT_PROFILE):
+                 profile: str = DEFAULT_PROFILE, keep_warm: bool = False):
         self.payload = payload or (lambda bank: build_payload(bank).code)
         self.session_wrapper = session_wrapper  # fault injection (apx_tests.faults), passed to Run
         # Reporting (apx_tests.pytest.reporting): called with each Run before its scenario starts.
         self.prepare_run: Callable[[CaseId, Run], None] | None = None
-        self.options = {"artifacts": artifacts, "profile": profile}
+        # keep_warm: for a caller that runs a backend's cases back to back and says when it
+        # moves on (idle()): the pytest plugin.
+        self.options = {"artifacts": artifacts, "profile": profile, "keep_warm": keep_warm}
         self._qemu_spec = qemu
         self._qemus = None
         self._backends: dict[str, object] = {}
@@ -280,6 +284,13 @@ class CaseRunner:
         except Exception as exc:  # a bug, reported as one line with the traceback aside
             return CaseResult(case_id, "fail", [f"{case_id}: {type(exc).__name__}: {exc}"],
                               traceback=traceback.format_exc())
+
+    def idle(self, label: str) -> None:
+        """The cases of backend `label` (`qemu11-kvm`) are over for now: let go of what it
+        keeps warm for its next case (Backend.idle)."""
+        backend = self._backends.get(label)
+        if backend is not None:
+            backend.idle()
 
     def close(self) -> None:
         for backend in self._backends.values():

@@ -56,8 +56,21 @@ def apx_case_runner(pytestconfig: pytest.Config):
     """One CaseRunner per session: each backend is opened once, closed at the end."""
     qemu = apx_qemus(pytestconfig) if qemu_backends_chosen(pytestconfig) else apx_qemu_paths(pytestconfig)
     with CaseRunner(qemu=qemu, artifacts=apx_artifacts(pytestconfig),
-                    profile=apx_cpu_profile(pytestconfig)) as runner:
+                    profile=apx_cpu_profile(pytestconfig), keep_warm=True) as runner:
         yield runner
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own teardown ends the item's fixtures
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """A scenario case whose backend the next item does not share (or the last item): the
+    backend lets go of what it kept warm for its next case (the spare boot QEMU), so it
+    does not outlive the backend's cases for the rest of the session."""
+    execution = getattr(item, "funcargs", {}).get("apx_case")
+    if not isinstance(execution, _Execution):
+        return
+    following = getattr(getattr(nextitem, "callspec", None), "params", {}).get("apx_case")
+    if not isinstance(following, CaseId) or following.label != execution.case.label:
+        execution.runner.idle(execution.case.label)
 
 
 @pytest.fixture

@@ -103,6 +103,9 @@ class QemuBackend(Backend):
     def start(self, bank: Bank, payload: bytes) -> "QemuSession":
         return QemuSession.boot(self, bank, payload)
 
+    def idle(self) -> None:
+        self.host.drop_spare_boot()
+
     def run_closed(self) -> None:
         """The Run's sessions are closed (scenarios.engine.Run.close): the standby QEMUs its
         snapshots still hold go too, so no QEMU outlives the Run that started it."""
@@ -155,8 +158,7 @@ class QemuSession(Session):
             spec = owner.host.spec(str(image.path))
         mailbox = boot.mailbox_bytes(bank.size)
         with clock.timed("boot"):
-            machine = Machine(spec, preload={boot.DEFAULT_MAILBOX_GPA: mailbox},
-                              label=f"{owner.name} {bank.name}", artifacts=owner.host.artifacts)
+            machine = owner.host.boot_machine(spec, {boot.DEFAULT_MAILBOX_GPA: mailbox}, f"{owner.name} {bank.name}")
         return cls(owner, bank, machine, None, spec, image)
 
     def expect_restore(self) -> None:

@@ -117,6 +117,11 @@ class QemuHost:
         self._guest: boot.BootInfo | None = None
         self._specs: dict[str, MachineSpec] = {}
         self._spare_gdb = None  # a detached gdb.GdbSession kept for the next gdbstub view
+        # spare_boots: after each boot, start the next one's QEMU (paused by -S, nothing run
+        # yet) so the next boot of the same guest only connects (boot_machine).  Off by
+        # default: a caller that counts QEMU processes would see one more.
+        self.spare_boots = False
+        self._spare_boot: tuple[tuple, Machine] | None = None
 
     # ---- facts about this QEMU ------------------------------------------------------------
     def _run(self, *args: str) -> str:
@@ -269,6 +274,43 @@ class QemuHost:
         os.close(fd)
         return path
 
+    # ---- boots ------------------------------------------------------------------------------
+    def boot_machine(self, spec: MachineSpec, preload: dict[int, bytes], label: str) -> Machine:
+        """A QEMU booting `spec` with `preload` in guest RAM, connected and running.
+
+        With `spare_boots`, the QEMU the previous boot started for this (spec, preload) is
+        used when there is one: spawned with -S, its start-up (~20 ms of each boot here)
+        overlapped the previous case, and no guest instruction has run in it, so it is as
+        fresh as a new one.  A spare for another guest is closed unused.  Then the spare for
+        the next boot is spawned, not waited for."""
+        key = (spec, tuple(sorted(preload.items())))
+        spare, self._spare_boot = self._spare_boot, None
+        machine = None
+        if spare is not None:
+            if spare[0] == key:
+                machine = spare[1]
+                machine.label = label
+                if self.artifacts:
+                    machine.keep_artifacts(self.artifacts)
+                machine.connect()  # closes it and raises QemuError, as a boot would, if it died
+            else:
+                spare[1].close()
+        if machine is None:
+            machine = Machine(spec, preload=preload, label=label, artifacts=self.artifacts)
+        if self.spare_boots:
+            self._spare_boot = (key, Machine(spec, preload=preload, label=f"{label} (spare)", connect=False))
+        return machine
+
+    def drop_spare_boot(self) -> None:
+        """No boot follows soon (the run moves to another backend): end the spare QEMU."""
+        spare, self._spare_boot = self._spare_boot, None
+        if spare is not None:
+            spare[1].close()
+
+    @property
+    def spare_boot_pid(self) -> int | None:
+        return self._spare_boot[1].pid if self._spare_boot is not None else None
+
     # ---- gdb --------------------------------------------------------------------------------
     def gdb_session(self, socket_path: str, transcript_path: str | None = None):
         """A gdb.GdbSession for the gdbstub at `socket_path`, not yet attached: the gdb
@@ -295,6 +337,7 @@ class QemuHost:
             gdb.close()
 
     def close(self) -> None:
+        self.drop_spare_boot()
         spare, self._spare_gdb = self._spare_gdb, None
         _KEEPING.discard(self)
         if spare is not None:
