@@ -6,6 +6,7 @@ leaks.  The scenario cases themselves run through the plugin:
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -579,3 +580,78 @@ def test_a_restore_continues_in_the_standby_and_none_outlives_the_run(backend):
         session.expect_restore()
         standby = session._standby
     assert not standby.running and qm.live_machines() == [] and _children() == []
+
+
+def test_a_spare_boot_is_fresh_and_none_outlives_idle(backend):
+    """QemuHost.spare_boots: each boot spawns the next one's QEMU (-S: paused before the
+    guest's first instruction); the next boot of the same guest continues in that very
+    process, which holds none of the previous guest's RAM; a boot of another guest closes
+    it unused; idle() and close() end the one kept."""
+    bank, code = BANKS["xmm"], build_payload("xmm").code
+    host = backend.host
+    host.spare_boots = True
+    try:
+        with Run(backend, bank, code) as run:
+            first = run.start()
+            spare = host._spare_boot[1]
+            assert spare.running and spare.pid not in (None, first.machine.pid) and "-S" in spare.argv
+            fresh = first.read_area(0, 64)
+            first.write_area(0, b"\xa5" * 64)  # the first guest's RAM changes ...
+            first.run_to(0)
+            second = run.start()
+            assert second.machine is spare
+            assert second.read_area(0, 64) == fresh  # ... and none of it is in the spare's
+            assert host._spare_boot[1].pid not in (first.machine.pid, spare.pid)
+        with Run(backend, bank, code) as run:
+            SCENARIOS["export"].run(run)  # a whole scenario, booted in a spare: it passes
+        xmm_spare = host._spare_boot[1]
+        with Run(backend, BANKS["x87"], build_payload("x87").code) as run:
+            run.start().run_to(0)  # another guest: the xmm spare is closed unused
+            assert not xmm_spare.running and host._spare_boot[1] is not xmm_spare
+        assert host._spare_boot[1].running  # the Run's end does not end it ...
+        backend.idle()  # ... the backend going idle does
+        assert host._spare_boot is None and qm.live_machines() == [] and _children() == []
+        own = QemuBackend(backend.accel)  # host.close() ends it too (not the module's host)
+        own.host.spare_boots = True
+        with Run(own, bank, code) as run:
+            run.start()
+        assert own.host._spare_boot[1].running
+        own.host.close()
+        assert own.host._spare_boot is None and qm.live_machines() == [] and _children() == []
+    finally:
+        host.spare_boots = False
+        host.drop_spare_boot()
+
+
+SPARE_RECORDER = """
+import json, os
+import pytest
+from apx_tests import procfs
+
+SEEN = []
+
+@pytest.hookimpl(trylast=True)  # after the plugin's teardown hook
+def pytest_runtest_teardown(item, nextitem):
+    qemus = sorted(p.pid for p in procfs.children() if p.comm == "qemu-system-x86")
+    SEEN.append([item.name, nextitem.name if nextitem else None, qemus])
+
+def pytest_sessionfinish(session):
+    with open(os.path.join(str(session.config.rootpath), "seen.json"), "w") as fh:
+        json.dump(SEEN, fh)
+"""
+
+
+def test_plugin_keeps_a_spare_boot_within_a_backend_and_drops_it_after(suite):
+    """The plugin's case runner keeps the next boot's QEMU warm between two cases of one
+    backend and ends it after the backend's last case, so no spare outlives its cases."""
+    suite.makeconftest(SPARE_RECORDER)
+    suite.makepyfile(test_zz_after="def test_after():\n    pass\n")
+    suite.runpytest_inprocess("-m", "apx or not apx", "--apx-backend", "qemu-tcg", f"--apx-qemu={SYSTEM_QEMU}",
+                              "-k", "qemu-tcg-xmm-export or qemu-tcg-xmm-import or test_after",
+                              "-q", "-p", "no:randomly").assert_outcomes(passed=3)
+    seen = json.loads((suite.path / "seen.json").read_text())
+    assert [s[0] for s in seen] == ["test_scenario[qemu-tcg-xmm-export]", "test_scenario[qemu-tcg-xmm-import]",
+                                    "test_after"]
+    assert len(seen[0][2]) == 1  # after the first case: only the spare for the second
+    assert seen[1][2] == []      # after the backend's last case: nothing
+    assert _children() == []
