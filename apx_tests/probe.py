@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -418,13 +419,16 @@ def probe_qemus(qemu=None, kvm: KvmFacts | None = None, cpu: CpuFacts | None = N
         binaries = resolve_qemus(qemu)
     except QemuListError as exc:
         return [QemuFacts(error=_err(exc))], []
-    out = []
-    for b in binaries:
+    def one(b) -> QemuFacts:
         facts = probe_qemu(b.path if b.version or os.sep in b.path else None if qemu is None else b.path)
         facts.tag, facts.origin = b.tag, b.origin
         if facts.version is not None:
             _qemu_measurements(facts, kvm, cpu, gdb)
-        out.append(facts)
+        return facts
+    # Each QEMU's facts are a handful of short QEMU runs, waited for: the QEMUs side by
+    # side are probed at once (about half the probe's time with two).
+    with ThreadPoolExecutor(max_workers=max(1, len(binaries))) as pool:
+        out = list(pool.map(one, binaries))
     broken = [] if qemu is not None else [
         QemuFacts(path=b.path, error=b.error, origin=b.origin) for b in broken_side_qemus()]
     return out, broken
@@ -472,10 +476,13 @@ def probe(qemu=None, kvm_path: str = "/dev/kvm") -> Probe:
     or a list of paths (several side by side)."""
     cpu = probe_cpu()
     kvm = probe_kvm(kvm_path)
-    gdb = probe_gdb()
-    qemus, broken = probe_qemus(qemu, kvm, cpu, gdb)
+    with ThreadPoolExecutor(max_workers=2) as pool:  # tool runs, waited for: side by side
+        gdb_run, llvm_run = pool.submit(probe_gdb), pool.submit(probe_llvm)
+        gdb = gdb_run.result()
+        qemus, broken = probe_qemus(qemu, kvm, cpu, gdb)
+        llvm = llvm_run.result()
     result = Probe(cpu=cpu, kernel_release=os.uname().release, kvm=kvm, qemu=qemus[0],
-                   gdb=gdb, llvm=probe_llvm(), qemus=qemus, side_qemus_broken=broken)
+                   gdb=gdb, llvm=llvm, qemus=qemus, side_qemus_broken=broken)
     result.banks = bank_facts(cpu, kvm)
     return result
 
