@@ -23,6 +23,7 @@ import re
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -156,6 +157,27 @@ def test_a_background_boot_that_fails_raises_in_boot_and_close_ends_one_running(
     assert not thread.is_alive() and guest.path is None
     assert guest.pids and not any(_alive(pid) for pid in guest.pids)
     assert not any(os.path.exists(p) for p in guest.temp_paths)
+
+
+def test_runs_side_by_side_share_one_boot_and_keep_their_own_state(env):
+    """test_linux_restore runs two holders at once, each in its own thread, from one ready
+    guest still booting in the background: both wait for that one boot (no second boot
+    starts), and each run's guest holds its own pattern."""
+    with ReadyGuest(**env) as guest:
+        guest.start()
+
+        def run(load: int):
+            with LinuxHolderRun("ymm", load=load, expect=load, ready=guest, **env) as r:
+                r.boot()
+                seen = r.snapshot().observed["migration"]
+                r.restore().check_ok()
+            return seen, r.pids
+
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            one, two = pool.map(run, (1, 2))
+        assert len(guest.pids) == 1, f"one ready boot, not {len(guest.pids)}"
+        assert one[0] == BANKS["ymm"].pattern(1) and two[0] == BANKS["ymm"].pattern(2)
+        assert set(one[1]).isdisjoint(two[1])
 
 
 def test_two_runs_from_one_boot_see_only_their_own_state(ready, env):

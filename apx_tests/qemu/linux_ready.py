@@ -58,6 +58,7 @@ class ReadyGuest(PrivateFiles, process.Closing):
         self._closed = False
         self._thread: threading.Thread | None = None  # start(): boot() running in the background
         self._thread_error: BaseException | None = None
+        self._boot_lock = threading.Lock()
         self._booting = None  # the boot's Machine while it runs (close() ends it)
         self.workdir = Path(tempfile.mkdtemp(prefix=temp_prefix() + "linux-ready-", dir=_private_tmp_root()))
         self.ram = self.workdir / "ready.ram"  # its guest RAM (Machine.save(ram_to=)), once booted
@@ -82,14 +83,17 @@ class ReadyGuest(PrivateFiles, process.Closing):
             self._thread_error = exc
 
     def boot(self) -> Path:
-        """Boot to the waiting line and save (once; later calls return the file)."""
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.join()
-            error, self._thread_error = self._thread_error, None
-            if error is not None:
-                raise error
-        return self._boot()
+        """Boot to the waiting line and save (once; later calls return the file).  Runs
+        started side by side (test_linux_restore's two) may ask at once: one boots or
+        waits for the background boot, the other waits for it."""
+        with self._boot_lock:
+            thread, self._thread = self._thread, None
+            if thread is not None:
+                thread.join()
+                error, self._thread_error = self._thread_error, None
+                if error is not None:
+                    raise error
+            return self._boot()
 
     def _boot(self) -> Path:
         if self.path is not None:
