@@ -138,6 +138,10 @@ class QemuSession(Session):
         self._counter = 0
         self._parsed = None  # (path, MigrationStream) of the newest parse
         self._standby: Machine | None = None  # a QEMU starting up for the next restore
+        # The VM stays stopped after a save until the guest is released (_release): it
+        # would only spin on the mailbox meanwhile, a whole core under TCG, while the
+        # host parses, compares and starts the next QEMUs.
+        self._paused = False
         self._closed = False
         owner.host._sessions.add(self)
 
@@ -182,6 +186,12 @@ class QemuSession(Session):
     def _release(self, stage: int) -> None:
         self.machine.write(self.mailbox_gpa + protocol.OFF_GO, struct.pack("<I", stage))
         self._generation += 1
+        if self._paused:
+            self._paused = False
+            try:
+                self.machine.cont()
+            except QemuError as exc:
+                raise BackendError(f"{exc} (resuming the guest to release stage {stage})") from None
 
     def run_to(self, stage: int) -> None:
         if self.stage is not None:
@@ -229,8 +239,8 @@ class QemuSession(Session):
         path = self._new_path("state")
         with self.clock.timed("save"):
             try:
-                self.machine.save(path)
-                self.machine.cont()
+                self.machine.save(path)  # stopped now, until _release
+                self._paused = True
             except QemuError as exc:
                 raise BackendError(str(exc)) from None
         if self._saved is not None and self._saved[0] != path:
@@ -349,8 +359,15 @@ class QemuSession(Session):
             finally:
                 self.host.release_gdb(gdb)  # kept for the next view if it detached cleanly
                 try:
-                    if self.machine.running and self.machine.status() != "running":
-                        self.machine.cont()
+                    # gdb's detach resumes the VM, even one stopped by a save: stop it again
+                    # (the guest waits for its release); a failed view may leave it stopped
+                    # by gdb: resume it, or the next stage would only hang.
+                    if self.machine.running:
+                        running = self.machine.status() == "running"
+                        if self._paused and running:
+                            self.machine.stop()
+                        elif not self._paused and not running:
+                            self.machine.cont()
                 except QemuError:
                     pass  # QEMU is gone: the error that matters is already on its way
         return result
