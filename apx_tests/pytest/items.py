@@ -55,8 +55,11 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def apx_case_runner(pytestconfig: pytest.Config):
     """One CaseRunner per session: each backend is opened once, closed at the end."""
     qemu = apx_qemus(pytestconfig) if qemu_backends_chosen(pytestconfig) else apx_qemu_paths(pytestconfig)
+    # A spare boot QEMU (keep_warm) starts on the core the case does not use; under an
+    # xdist worker no core is idle and spares cost the run time (-n 2: ~0.6 s slower with).
     with CaseRunner(qemu=qemu, artifacts=apx_artifacts(pytestconfig),
-                    profile=apx_cpu_profile(pytestconfig), keep_warm=True) as runner:
+                    profile=apx_cpu_profile(pytestconfig),
+                    keep_warm=not hasattr(pytestconfig, "workerinput")) as runner:
         yield runner
 
 
