@@ -614,6 +614,15 @@ def test_a_spare_boot_is_fresh_and_none_outlives_idle(backend):
         assert host._spare_boot[1].running  # the Run's end does not end it ...
         backend.idle()  # ... the backend going idle does
         assert host._spare_boot is None and qm.live_machines() == [] and _children() == []
+        with Run(backend, bank, code) as run:  # a spare killed from outside: a fresh QEMU boots instead
+            run.start()
+            dead = host._spare_boot[1]
+            dead.proc.kill()
+            dead.proc.wait()
+            session = run.start()
+            assert session.machine is not dead and session.machine.running and not dead.running
+            session.run_to(0)
+        backend.idle()
         own = QemuBackend(backend.accel)  # host.close() ends it too (not the module's host)
         own.host.spare_boots = True
         with Run(own, bank, code) as run:

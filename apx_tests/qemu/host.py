@@ -292,7 +292,12 @@ class QemuHost:
                 machine.label = label
                 if self.artifacts:
                     machine.keep_artifacts(self.artifacts)
-                machine.connect()  # closes it and raises QemuError, as a boot would, if it died
+                try:
+                    machine.connect()
+                except QemuError:
+                    # Gone while it waited (killed from outside, say): connect() closed it.
+                    # A fresh QEMU decides; a QEMU that cannot boot this guest fails there.
+                    machine = None
             else:
                 spare[1].close()
         if machine is None:
