@@ -78,3 +78,29 @@ def test_complete_pending_io_propagates_other_errors(synced_vm):
     vcpu.close()
     with pytest.raises(OSError, match="closed"):
         vcpu.complete_pending_io()
+
+
+def test_a_run_and_a_hung_run_give_back_the_sigalrm_handler(host):
+    """MicroVm.run bounds KVM_RUN with SIGALRM (set through _signal, not signal.signal): the
+    handler the process had before is back after a run that synced and after one that hung,
+    and a hang is a GuestTimeout, not the caller's handler running."""
+    import signal
+
+    from apx_tests.kvm.vmm import GuestTimeout
+
+    calls = []
+    mine = lambda signum, frame: calls.append(signum)  # noqa: E731
+    before = signal.signal(signal.SIGALRM, mine)
+    try:
+        with MicroVm(host.kvm, host.guest_cpu) as vm:
+            vm.boot(build_payload("xmm").code, protocol.pack_mailbox_header(bank_bytes=256))
+            assert vm.run().kind == "sync"
+        assert signal.getsignal(signal.SIGALRM) is mine
+        with MicroVm(host.kvm, host.guest_cpu) as vm:
+            vm.boot(bytes.fromhex("ebfe"), protocol.pack_mailbox_header(bank_bytes=256))  # jmp . at CPL3
+            with pytest.raises(GuestTimeout, match="guest hung: no sync within 0.2 s"):
+                vm.run(timeout=0.2)
+        assert signal.getsignal(signal.SIGALRM) is mine and calls == []
+        assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    finally:
+        signal.signal(signal.SIGALRM, before)

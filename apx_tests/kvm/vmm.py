@@ -14,7 +14,7 @@ Guest-physical memory map (one slot, identity-mapped with 2 MiB pages):
 
 from __future__ import annotations
 
-import contextlib
+import _signal  # signal.signal without its enum wrapping: MicroVm.run
 import mmap
 import signal
 import struct
@@ -196,12 +196,25 @@ class MicroVm:
 
     # --- running -----------------------------------------------------------------------
     def run(self, timeout: float = 5.0) -> GuestExit:
-        """KVM_RUN until the guest syncs or finishes; anything else is a GuestError."""
+        """KVM_RUN until the guest syncs or finishes; anything else is a GuestError.
+
+        Bounded by SIGALRM: a CPL3 spin loop never exits to us, so the alarm interrupts the
+        ioctl (EINTR) and its handler's exception ends the wait.  Signals only reach the
+        main thread; elsewhere the run is unbounded.  The handler is set with `_signal`'s
+        own function: `signal.signal` wraps it in enum conversions, ~4 us a call here, twice
+        per KVM_RUN, four runs per scenario (docs/bench.md, Step K fourth round)."""
+        bounded = threading.current_thread() is threading.main_thread()
+        if bounded:
+            previous = _signal.signal(signal.SIGALRM, _on_alarm)
+            _signal.setitimer(signal.ITIMER_REAL, timeout)
         try:
-            with _alarm(timeout):
-                return self._run_loop()
+            return self._run_loop()
         except GuestTimeout:
             raise self._error(f"guest hung: no sync within {timeout:g} s", GuestTimeout) from None
+        finally:
+            if bounded:
+                _signal.setitimer(signal.ITIMER_REAL, 0)
+                _signal.signal(signal.SIGALRM, previous)
 
     def _run_loop(self) -> GuestExit:
         while True:
@@ -261,25 +274,8 @@ class MicroVm:
         self.vcpu.set_regs(state.regs)
 
 
-@contextlib.contextmanager
-def _alarm(timeout: float):
-    """Bound a KVM_RUN: a CPL3 spin loop never exits to us, so SIGALRM interrupts the ioctl
-    (EINTR) and the handler's exception ends the wait.  Signals only reach the main thread;
-    elsewhere the run is unbounded (yields False)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield False
-        return
-
-    def on_alarm(signum, frame):
-        raise GuestTimeout("timeout")
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, timeout)
-    try:
-        yield True
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+def _on_alarm(signum, frame):
+    raise GuestTimeout("timeout")
 
 
 _SREGS_TEMPLATE: dict = {}
