@@ -635,6 +635,31 @@ def test_a_spare_boot_is_fresh_and_none_outlives_idle(backend):
         host.drop_spare_boot()
 
 
+def test_a_spare_that_cannot_start_does_not_fail_the_boot(backend, monkeypatch):
+    """Spawning the spare is only a head start: when it fails (here: the spawn raises as a
+    full /dev/shm would), the boot it followed still runs its guest, and nothing is kept."""
+    from apx_tests.qemu import host as host_mod
+
+    real = host_mod.Machine
+
+    def spawn(*args, connect=True, **kw):
+        if not connect:
+            raise QemuUnavailable("spare: cannot create its private directory: No space left on device")
+        return real(*args, connect=connect, **kw)
+
+    monkeypatch.setattr(host_mod, "Machine", spawn)
+    bank, code = BANKS["xmm"], build_payload("xmm").code
+    backend.host.spare_boots = True
+    try:
+        with Run(backend, bank, code) as run:
+            session = run.start()
+            assert backend.host._spare_boot is None and session.machine.running
+            session.run_to(0)
+    finally:
+        backend.host.spare_boots = False
+    assert qm.live_machines() == [] and _children() == []
+
+
 SPARE_RECORDER = """
 import json, os
 import pytest

@@ -303,7 +303,10 @@ class QemuHost:
         if machine is None:
             machine = Machine(spec, preload=preload, label=label, artifacts=self.artifacts)
         if self.spare_boots:
-            self._spare_boot = (key, Machine(spec, preload=preload, label=f"{label} (spare)", connect=False))
+            try:
+                self._spare_boot = (key, Machine(spec, preload=preload, label=f"{label} (spare)", connect=False))
+            except (QemuError, OSError):
+                pass  # only a head start: the next boot starts its own QEMU (and reports why not)
         return machine
 
     def drop_spare_boot(self) -> None:
@@ -311,10 +314,6 @@ class QemuHost:
         spare, self._spare_boot = self._spare_boot, None
         if spare is not None:
             spare[1].close()
-
-    @property
-    def spare_boot_pid(self) -> int | None:
-        return self._spare_boot[1].pid if self._spare_boot is not None else None
 
     # ---- gdb --------------------------------------------------------------------------------
     def gdb_session(self, socket_path: str, transcript_path: str | None = None):
