@@ -416,3 +416,8 @@ def test_xdist_runs_only_when_named_and_its_goal_lines(bench_module):
                                                           ["2", "40000.000", "40000.000"],
                                                           ["speedup", "1.50×", "1.50×"],
                                                           ["mismatched", "0", "0"]]
+    # How busy -n 0 already keeps the cores, and the most two workers could gain on that CPU
+    # time: printed with two decimals (a count would round 1.47 cores to 1).
+    row.sides.update({"-n 0 cores": Stats([1.47], "cores"), "speedup bound": Stats([1.36], "×")})
+    assert [line.split()[-3:] for line in bench_module.table([row])[5:7]] == [["cores", "1.47", "1.47"],
+                                                                            ["bound", "1.36×", "1.36×"]]
