@@ -226,13 +226,7 @@ class GuestHost(AgentTransport):
     def command(self) -> list[str]:
         from ..qemu.spec import find_qemu
         qemu = find_qemu(self.options.qemu)
-        # cryptomgr.notests: the crypto self-tests cost ~1 s of a TCG boot and test nothing
-        # the KVM cases look at (as for the Linux guests, apx_tests.guests.linux).
-        words = ["console=ttyS0", "quiet", "panic=-1", "cryptomgr.notests"]
-        if self.accel == "tcg":
-            khz = linux.host_tsc_khz()
-            if khz:
-                words.append(f"tsc_early_khz={khz}")  # see docs/linux-guests.md: PIT calibration hangs
+        words = linux.base_kernel_words(self.accel)
         cpu = self.options.cpu or ("max" if self.accel == "tcg" else "host")
         return [qemu, *linux.MACHINE_ARGS, "-accel", self.accel, "-cpu", cpu, "-m", MEMORY, "-smp", "1",
                 "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",

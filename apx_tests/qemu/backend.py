@@ -507,9 +507,7 @@ def _restored(spec: MachineSpec, path: str, label: str, artifacts: str | None,
     Either loads the same stream the same way and exits with QEMU's error if it refuses it."""
     if standby is None:
         return Machine(spec, incoming=path, label=label, artifacts=artifacts)
-    standby.label = label
-    if artifacts:
-        standby.keep_artifacts(artifacts)
+    standby.adopt(label, artifacts)
     try:
         standby.connect()
         standby.migrate_incoming(path)

@@ -288,10 +288,7 @@ class QemuHost:
         machine = None
         if spare is not None:
             if spare[0] == key:
-                machine = spare[1]
-                machine.label = label
-                if self.artifacts:
-                    machine.keep_artifacts(self.artifacts)
+                machine = spare[1].adopt(label, self.artifacts)
                 try:
                     machine.connect()
                 except QemuError:

@@ -206,6 +206,14 @@ class Machine(process.Closing):
             raise
         return machine
 
+    def adopt(self, label: str, artifacts: str | os.PathLike | None) -> "Machine":
+        """A QEMU started ahead (a standby, a spare boot) taken on by its user: its label
+        and artifacts directory become the user's, as if made for it now; connect() next."""
+        self.label = label
+        if artifacts:
+            self.keep_artifacts(artifacts)
+        return self
+
     def connect(self) -> None:
         """Wait for QEMU's sockets and QMP (a machine made with connect=False); then, as the
         constructor does: resume a boot, wait for an -incoming file: load."""
