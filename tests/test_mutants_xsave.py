@@ -78,6 +78,19 @@ def test_write_registers_into_init_state_apx_writes_init_values_not_stale_bytes(
     assert data[968:1088] == bytes(120)
 
 
+def test_write_registers_checks_every_width_before_writing_anything():
+    """A wrong width anywhere in the batch is a ValueError naming the register, and the
+    image is left exactly as it was (no component made live, no earlier register written)."""
+    buf = raw(832, xstate_bv=0x3)
+    image = XsaveImage(ZEN3, buf)
+    before = image.to_bytes()
+    bad = {"ymm0": bytes(range(1, 33)), "ymm1": bytes(31)}
+    assert message(ValueError, image.write_registers, bad) == "register ymm1 is 32 bytes, value has 31"
+    assert image.to_bytes() == before
+    image.write_registers({"ymm0": bytearray(range(1, 33)), "xmm2": memoryview(bytes(range(16)))})
+    assert image.read("ymm0") == bytes(range(1, 33)) and image.read("xmm2") == bytes(range(16))
+
+
 def test_write_into_init_state_x87_gets_fcw_0x037f_and_keeps_mxcsr():
     """x87's init value is not all zero: FCW 0x037F.  MXCSR (24..27) is SSE state and stays."""
     buf = raw(832, xstate_bv=0x2, fcw=0xAAAA, mxcsr=0x1F80)

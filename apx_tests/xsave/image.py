@@ -267,20 +267,25 @@ class XsaveImage:
     def write_registers(self, values: Mapping[str, bytes]) -> None:
         """Write many registers; each touched component is checked and made live once
         (a whole bank is written per scenario step, so this is the hot path)."""
-        writes = []
+        writes = []  # (start in the buffer, bytes): all checked before anything changes
         offsets: dict[int, int] = {}
         for name, value in values.items():
             reg = name if isinstance(name, Register) else register(name)
-            for slot, _, chunk in reg.pieces(bytes(value)):  # checks the width
-                if slot.component not in offsets:
-                    offsets[slot.component] = self._span(slot.component)[1]
-                writes.append((slot, chunk))
+            value = bytes(value)
+            if len(value) != reg.width:
+                raise ValueError(f"register {reg.name} is {reg.width} bytes, value has {len(value)}")
+            pos = 0
+            for slot in reg.slots:
+                offset = offsets.get(slot.component)
+                if offset is None:
+                    offset = offsets[slot.component] = self._span(slot.component)[1]
+                writes.append((offset + slot.offset, value[pos:pos + slot.size]))
+                pos += slot.size
         for number in offsets:
             self._make_live(self.layout.components[number])
         data = self._data
-        for slot, chunk in writes:
-            start = offsets[slot.component] + slot.offset
-            data[start:start + slot.size] = chunk
+        for start, chunk in writes:
+            data[start:start + len(chunk)] = chunk
 
     # ---- whole image ----------------------------------------------------------
 
