@@ -60,10 +60,13 @@ class Register:
             mask |= 1 << c
         return mask
 
-    def pieces(self, value: bytes):
-        """Yield ``(slot, register_byte_offset, bytes)`` for each slot of ``value``."""
+    def check_width(self, value: bytes) -> None:
         if len(value) != self.width:
             raise ValueError(f"register {self.name} is {self.width} bytes, value has {len(value)}")
+
+    def pieces(self, value: bytes):
+        """Yield ``(slot, register_byte_offset, bytes)`` for each slot of ``value``."""
+        self.check_width(value)
         pos = 0
         for slot in self.slots:
             yield slot, pos, bytes(value[pos:pos + slot.size])

@@ -272,8 +272,7 @@ class XsaveImage:
         for name, value in values.items():
             reg = name if isinstance(name, Register) else register(name)
             value = bytes(value)
-            if len(value) != reg.width:
-                raise ValueError(f"register {reg.name} is {reg.width} bytes, value has {len(value)}")
+            reg.check_width(value)
             pos = 0
             for slot in reg.slots:
                 offset = offsets.get(slot.component)
