@@ -56,7 +56,8 @@ def apx_case_runner(pytestconfig: pytest.Config):
     """One CaseRunner per session: each backend is opened once, closed at the end."""
     qemu = apx_qemus(pytestconfig) if qemu_backends_chosen(pytestconfig) else apx_qemu_paths(pytestconfig)
     # A spare boot QEMU (keep_warm) starts on the core the case does not use; under an
-    # xdist worker no core is idle and spares cost the run time (-n 2: ~0.6 s slower with).
+    # xdist worker no core is idle, so a spare only adds a QEMU: -n 2 was no faster with
+    # them (9.8-9.9 s with, 9.7-10.5 s without; docs/bench.md, Step K fifth round).
     with CaseRunner(qemu=qemu, artifacts=apx_artifacts(pytestconfig),
                     profile=apx_cpu_profile(pytestconfig),
                     keep_warm=not hasattr(pytestconfig, "workerinput")) as runner:
